@@ -1,0 +1,143 @@
+"""Which implementation of the fused ops runs for a given backend, device and dtype.
+
+Backends: ``reference`` (pure PyTorch, any device and floating dtype), ``cpu`` (the C++ kernel,
+compiled on first use), ``cuda`` (the C++/CUDA multi-tensor kernel) and ``triton``. ``auto`` picks
+per device: on CPU the C++ kernel, on CUDA the CUDA kernel then Triton, falling back to the
+reference path with one warning when a build fails.
+"""
+
+import dataclasses
+import importlib
+import os
+import warnings
+
+import torch
+
+from . import _build, _ops, _reference
+
+BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+    """The three ops of one backend, all with the signatures of ``_ops.py``."""
+    name: str
+    sgd_step_: object
+    adam_step_: object
+    extrapolate_: object
+
+
+REFERENCE = Implementation("reference", _reference.sgd_step_, _reference.adam_step_,
+                           _reference.extrapolate_)
+
+_status_cache = {}
+_warned = set()
+
+
+def _triton_status():
+    try:
+        importlib.import_module("triton")
+    except Exception as exc:
+        return False, f"triton is not importable ({exc})"
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU)"
+    try:
+        importlib.import_module("gerne_kernels.triton_kernels")
+    except Exception as exc:
+        return False, f"the Triton kernels failed to import: {type(exc).__name__}: {exc}"
+    return True, ""
+
+
+def status(name, *, build=True):
+    """(available, reason, BuildResult or None) for one backend; builds on first call."""
+    if name == "reference":
+        return True, "", None
+    if name in _status_cache:
+        return _status_cache[name]
+    if name == "triton":
+        ok, reason = _triton_status()
+        result = (ok, reason, None)
+    elif name in ("cpu", "cuda"):
+        if name == "cuda" and not torch.cuda.is_available():
+            result = (False, "no CUDA device is visible", None)
+        elif not build:
+            return False, "not built yet in this process", None
+        else:
+            built = _build.build(name)
+            reason = "" if built.ok else built.error
+            result = (built.ok, reason, built)
+    else:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    _status_cache[name] = result
+    return result
+
+
+def available_backends():
+    """The backends that work in this process (building the C++ kernels if needed)."""
+    return [name for name in BACKENDS[1:] if status(name)[0]]
+
+
+def _fused(name):
+    prefix = "triton_" if name == "triton" else ""
+    return Implementation(name, _ops.op(prefix + "sgd_step_"), _ops.op(prefix + "adam_step_"),
+                          _ops.op(prefix + "extrapolate_"))
+
+
+def _unavailable_message(name, reason, built):
+    message = f"gerne_kernels: the {name!r} backend is unavailable: {reason}."
+    if built is not None and built.log_path:
+        message += f" Build log: {built.log_path}."
+    return message + " Run `python -m gerne_kernels info` for details."
+
+
+def _device_matches(name, device_type):
+    if name == "cpu":
+        return device_type == "cpu"
+    if name == "cuda":
+        return device_type == "cuda"
+    if name == "triton":
+        return device_type == "cuda" or (device_type == "cpu"
+                                         and os.environ.get("TRITON_INTERPRET") == "1")
+    return True
+
+
+def implementation(backend, device_type, dtype):
+    """The Implementation that runs ``backend`` for tensors of this device type and dtype.
+
+    An explicitly named backend that cannot run raises with the reason; ``auto`` falls back to
+    the reference path and warns once per reason.
+    """
+    if backend == "reference":
+        return REFERENCE
+    if backend != "auto":
+        if not _device_matches(backend, device_type):
+            raise ValueError(f"backend={backend!r} cannot run on {device_type} tensors; use "
+                             f"backend='auto' or a backend for {device_type}")
+        if dtype not in FUSED_DTYPES:
+            raise TypeError(f"backend={backend!r} supports float32, bfloat16 and float16 "
+                            f"parameters, not {dtype}; use backend='reference' (any dtype) or "
+                            "backend='auto'")
+        ok, reason, built = status(backend)
+        if not ok:
+            raise RuntimeError(_unavailable_message(backend, reason, built))
+        return _fused(backend)
+    if dtype not in FUSED_DTYPES:
+        return REFERENCE
+    for name in AUTO_ORDER.get(device_type, ()):
+        ok, reason, built = status(name)
+        if ok:
+            return _fused(name)
+        if reason and (name, reason) not in _warned:
+            _warned.add((name, reason))
+            warnings.warn(_unavailable_message(name, reason, built) +
+                          " Falling back to the next backend (finally the reference path).",
+                          RuntimeWarning, stacklevel=4)
+    return REFERENCE
+
+
+def reset():
+    """Forget build results and warnings (tests use this with a throwaway cache)."""
+    _status_cache.clear()
+    _warned.clear()

@@ -1,0 +1,398 @@
+"""GERNE: an optimizer that steps along the extrapolated gradient of two batches.
+
+    g = (1 + beta) * g_lb - beta * g_b
+
+g_b is the gradient of the biased batch's loss, kept aside by ``stash_biased()``; g_lb is the
+less-biased batch's gradient in ``.grad`` when ``step()`` runs. g then drives torch.optim's SGD,
+Adam or AdamW update with torch.optim's exact semantics, in one fused pass over the parameters
+where a fused backend is available. The thin class here gathers tensors and state; the math lives
+in the ops of ``_ops.py`` (reference: ``_reference.py``).
+"""
+
+import math
+from collections import defaultdict
+
+import torch
+from torch.optim import Optimizer
+
+from . import _backends
+
+_HYPERPARAMETERS = {
+    "sgd": dict(lr=1e-3, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
+                maximize=False),
+    "adam": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
+                 maximize=False),
+    "adamw": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
+                  maximize=False),
+}
+
+
+def _check_beta(beta, bounds, where):
+    if isinstance(beta, torch.Tensor):
+        beta = float(beta)
+    if not isinstance(beta, (int, float)) or math.isnan(beta):
+        raise TypeError(f"beta{where} must be a real number, got {beta!r}")
+    if beta < -1:
+        raise ValueError(
+            f"beta{where} = {beta} is below -1: the less-biased batch would get a negative "
+            "weight (1 + beta). Use beta >= -1 (beta = -1 is plain class-balanced ERM).")
+    if bounds is not None:
+        lo, hi = bounds[0], bounds[1]
+        if not lo <= beta <= hi:
+            source = getattr(bounds, "source", "the beta_bounds argument")
+            raise ValueError(
+                f"beta{where} = {beta} is outside [{lo:.4g}, {hi:.4g}] (from {source}); "
+                "beyond these bounds some group's expected loss weight turns negative and "
+                "training diverges. Choose beta inside them.")
+
+
+def _check_hyperparameters(kind, group, where=""):
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"lr{where} must be a float or a one-element tensor")
+        lr = float(lr)
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate lr{where} = {lr}: use lr >= 0")
+    if group["weight_decay"] < 0.0:
+        raise ValueError(f"Invalid weight_decay{where} = {group['weight_decay']}: use >= 0")
+    if kind == "sgd":
+        if group["momentum"] < 0.0:
+            raise ValueError(f"Invalid momentum{where} = {group['momentum']}: use >= 0")
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError(f"nesterov=True{where} requires momentum > 0 and dampening = 0 "
+                             f"(got momentum={group['momentum']}, "
+                             f"dampening={group['dampening']})")
+    else:
+        if not 0.0 <= group["eps"]:
+            raise ValueError(f"Invalid eps{where} = {group['eps']}: use eps >= 0")
+        betas = group["betas"]
+        if len(betas) != 2:
+            raise ValueError(f"betas{where} must be a pair (beta1, beta2), got {betas!r}")
+        for i, b in enumerate(betas):
+            if not 0.0 <= float(b) < 1.0:
+                raise ValueError(f"Invalid betas[{i}]{where} = {b}: use 0 <= b < 1 (these are "
+                                 "Adam's moment decays, not GERNE's extrapolation beta)")
+    _check_beta(group["beta"], group.get("beta_bounds"), where)
+
+
+def nonfinite_flag(tensors):
+    """A float32 0-d tensor: 1 if any element of any tensor is inf or NaN, else 0. One pass,
+    no host sync: the max-abs norm of a tensor is finite exactly when all its elements are."""
+    tensors = [t for t in tensors if t.numel()]
+    if not tensors:
+        return torch.zeros(())
+    norms = torch.stack(torch._foreach_norm(tensors, float("inf")))
+    return torch.logical_not(torch.isfinite(norms).all()).to(torch.float32)
+
+
+class GERNE(Optimizer):
+    """torch.optim.SGD / Adam / AdamW fed GERNE's extrapolated gradient.
+
+    Args:
+        params: parameters or param groups, as for any torch optimizer.
+        optimizer: "sgd", "adam" or "adamw"; its hyperparameters are those of torch.optim.
+        beta: the extrapolation factor, >= -1 (per param group, schedulable like lr).
+        beta_bounds: optional (low, high), e.g. ``gk.beta_bounds(...)``; beta must stay inside.
+        backend: "auto", "reference", "cpu", "cuda" or "triton".
+        skip_nonfinite: skip a step (changing nothing) when g_b or g_lb holds inf or NaN.
+
+    Usage per step: ``zero_grad(); loss_b.backward(); stash_biased(); loss_lb.backward();
+    step()``.
+    """
+
+    def __init__(self, params, optimizer="sgd", *, beta=1.0, beta_bounds=None, backend="auto",
+                 skip_nonfinite=True, **hyperparameters):
+        if optimizer not in _HYPERPARAMETERS:
+            raise ValueError(f"optimizer must be one of {sorted(_HYPERPARAMETERS)}, "
+                             f"got {optimizer!r}")
+        if backend not in _backends.BACKENDS:
+            raise ValueError(f"backend must be one of {_backends.BACKENDS}, got {backend!r}")
+        known = _HYPERPARAMETERS[optimizer]
+        unknown = sorted(set(hyperparameters) - set(known))
+        if unknown:
+            raise TypeError(f"GERNE(optimizer={optimizer!r}) got unexpected hyperparameters "
+                            f"{unknown}; the accepted ones are {sorted(known)} "
+                            "(as in torch.optim)")
+        defaults = dict(known, **hyperparameters)
+        defaults.update(beta=beta, beta_bounds=beta_bounds)
+        _check_hyperparameters(optimizer, defaults)
+        self.optimizer_kind = optimizer
+        self.backend = backend
+        self.skip_nonfinite = skip_nonfinite
+        self._skipped = {}  # device -> float32 count of skipped steps, kept on the device
+        self._stash_signature = None
+        super().__init__(params, defaults)
+        # GradScaler hands us grad_scale and found_inf instead of unscaling .grad itself.
+        self._step_supports_amp_scaling = True
+        self.grad_scale = None
+        self.found_inf = None
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _check_hyperparameters(self.optimizer_kind, group,
+                               f" (param group {len(self.param_groups) - 1})")
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in _HYPERPARAMETERS[self.optimizer_kind].items():
+                group.setdefault(key, value)
+            group.setdefault("beta", 1.0)
+            group.setdefault("beta_bounds", None)
+
+    # ----------------------------------------------------------------------------------------
+    # The biased batch's gradient
+
+    def _params(self):
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def has_stash(self):
+        """True between stash_biased() and the step() that consumes it."""
+        return self._stash_signature is not None
+
+    @torch.no_grad()
+    def stash_biased(self):
+        """Moves each parameter's .grad (the biased batch's gradient g_b) aside and clears .grad.
+
+        The move is free: the tensor is kept, not copied, and the next backward allocates a fresh
+        .grad. A .grad that is a view (DDP's gradient_as_bucket_view) is copied instead, since
+        its storage is overwritten by the next backward.
+        """
+        if self.has_stash():
+            raise RuntimeError("stash_biased() was called twice without step(): the first "
+                               "biased gradient is still waiting. Call step() (or zero_grad() "
+                               "to discard it) before stashing again.")
+        moved = 0
+        for p in self._params():
+            grad = p.grad
+            if grad is None:
+                continue
+            if grad.is_sparse:
+                raise RuntimeError("GERNE does not support sparse gradients (parameter of shape "
+                                   f"{tuple(p.shape)}); use dense embeddings "
+                                   "(sparse=False) or a sparse-aware optimizer")
+            state = self.state[p]
+            if grad._is_view() or not grad.is_contiguous():
+                stash = state.get("grad_b")
+                if stash is None or stash.shape != grad.shape or stash.dtype != grad.dtype:
+                    stash = torch.empty_like(grad, memory_format=torch.contiguous_format)
+                stash.copy_(grad)
+                state["grad_b"] = stash
+                grad.zero_()
+            else:
+                state["grad_b"] = grad
+                p.grad = None
+            moved += 1
+        if moved == 0:
+            raise RuntimeError("stash_biased() found no gradients: run the biased batch's "
+                               "backward (loss_b.backward()) before calling it")
+        self._stash_signature = tuple(id(p) for p in self._params())
+
+    def zero_grad(self, set_to_none=True):
+        """Clears .grad and discards a pending biased-batch gradient."""
+        super().zero_grad(set_to_none=set_to_none)
+        self._drop_stash()
+
+    def _drop_stash(self):
+        for p in self._params():
+            state = self.state.get(p)
+            if state:
+                state.pop("grad_b", None)
+        self._stash_signature = None
+
+    # ----------------------------------------------------------------------------------------
+    # The step
+
+    @property
+    def skipped_steps(self):
+        """How many steps were skipped for inf/NaN gradients (reads device counters)."""
+        return int(sum(float(count) for count in self._skipped.values()))
+
+    def _validate_before_step(self):
+        for i, group in enumerate(self.param_groups):
+            _check_hyperparameters(self.optimizer_kind, group, f" (param group {i})")
+        if self.has_stash() and self._stash_signature != tuple(id(p) for p in self._params()):
+            raise RuntimeError("the parameter list changed between stash_biased() and step() "
+                               "(add_param_group?): the stashed gradient no longer matches. "
+                               "Call zero_grad() and redo both backwards.")
+        if not self.has_stash() and any(g["beta"] != 0 for g in self.param_groups):
+            raise RuntimeError("step() needs the biased batch's gradient g_b: call "
+                               "opt.stash_biased() after loss_b.backward() and before "
+                               "loss_lb.backward() (only beta = 0 runs without it)")
+
+    def _gather(self, group):
+        """Buckets of (params, g_b, g_lb) per (device, dtype), with zeros for a missing one."""
+        buckets = defaultdict(lambda: ([], [], []))
+        for p in group["params"]:
+            state = self.state[p]
+            g_b, g_lb = state.get("grad_b"), p.grad
+            if g_b is None and g_lb is None:
+                continue
+            for name, g in (("g_b", g_b), ("g_lb", g_lb)):
+                if g is None:
+                    continue
+                if g.is_sparse:
+                    raise RuntimeError("GERNE does not support sparse gradients; use dense "
+                                       "embeddings (sparse=False)")
+                if g.shape != p.shape or g.device != p.device or g.dtype != p.dtype:
+                    raise RuntimeError(
+                        f"{name} of a parameter of shape {tuple(p.shape)} ({p.dtype}, "
+                        f"{p.device}) has shape {tuple(g.shape)} ({g.dtype}, {g.device}); "
+                        "gradients must match their parameter's shape, dtype and device")
+            if torch.is_complex(p):
+                raise TypeError("GERNE does not support complex parameters; store them as "
+                                "real pairs with torch.view_as_real")
+            if not p.is_contiguous():
+                raise ValueError(f"GERNE's fused step needs contiguous parameters; a parameter "
+                                 f"of shape {tuple(p.shape)} with strides {p.stride()} is not. "
+                                 "Make it contiguous (p.data = p.data.contiguous()).")
+            g_b = torch.zeros_like(p) if g_b is None else g_b.contiguous()
+            g_lb = torch.zeros_like(p) if g_lb is None else g_lb.contiguous()
+            bucket = buckets[(p.device, p.dtype)]
+            bucket[0].append(p)
+            bucket[1].append(g_b)
+            bucket[2].append(g_lb)
+        return buckets
+
+    def _found_inf_for(self, device):
+        found = torch.zeros((), dtype=torch.float32, device=device)
+        if self.found_inf is not None:
+            found.add_(self.found_inf.to(device=device, dtype=torch.float32))
+        return found
+
+    def _inverse_scale(self):
+        if self.grad_scale is None:
+            return 1.0
+        return 1.0 / float(self.grad_scale)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One GERNE step; returns the closure's loss when a closure is given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._validate_before_step()
+        inv_scale = self._inverse_scale()
+        plans = []
+        for group in self.param_groups:
+            beta = float(group["beta"])
+            for (device, dtype), tensors in self._gather(group).items():
+                plans.append((group, device, dtype, tensors, -beta * inv_scale,
+                              (1.0 + beta) * inv_scale))
+        found_per_device = {}
+        for device in {plan[1] for plan in plans}:
+            found_per_device[device] = self._found_inf_for(device)
+        # A skip must be total: every gradient on a device is checked before any update there.
+        # With one bucket per device the fused op checks in its own first pass; with several,
+        # one reduction pass over all of them runs first.
+        buckets_per_device = defaultdict(list)
+        for plan in plans:
+            buckets_per_device[plan[1]].append(plan)
+        for device, device_plans in buckets_per_device.items():
+            in_op_check = self.skip_nonfinite and len(device_plans) == 1
+            if self.skip_nonfinite and not in_op_check:
+                grads = [g for plan in device_plans for g in plan[3][1] + plan[3][2]]
+                found_per_device[device].add_(nonfinite_flag(grads))
+            for group, _, dtype, tensors, scale_b, scale_lb in device_plans:
+                impl = _backends.implementation(self.backend, device.type, dtype)
+                self._update(impl, group, tensors, found_per_device[device], scale_b,
+                             scale_lb, in_op_check)
+        for device, found in found_per_device.items():
+            counter = self._skipped.get(device)
+            if counter is None:
+                counter = self._skipped[device] = torch.zeros((), device=device)
+            counter.add_(found)
+        self._drop_stash()
+        return loss
+
+    def _update(self, impl, group, tensors, found_inf, scale_b, scale_lb, check_finite):
+        params, grads_b, grads_lb = tensors
+        lr = float(group["lr"])
+        common = dict(scale_b=scale_b, scale_lb=scale_lb, check_finite=check_finite)
+        created = []
+        if self.optimizer_kind == "sgd":
+            momentum = group["momentum"]
+            if momentum == 0:
+                impl.sgd_step_(params, grads_b, grads_lb, [], found_inf, lr=lr, momentum=0.0,
+                               dampening=group["dampening"], nesterov=group["nesterov"],
+                               weight_decay=group["weight_decay"], maximize=group["maximize"],
+                               is_first_step=False, **common)
+                return
+            old, new = [], []
+            for i, p in enumerate(params):
+                (new if self.state[p].get("momentum_buffer") is None else old).append(i)
+            if check_finite and old and new:  # two calls: check both before either updates
+                found_inf.add_(nonfinite_flag(grads_b + grads_lb))
+                common["check_finite"] = False
+            for indices, first in ((old, False), (new, True)):
+                if not indices:
+                    continue
+                if first:
+                    for i in indices:
+                        self.state[params[i]]["momentum_buffer"] = torch.empty_like(params[i])
+                        created.append((params[i], ("momentum_buffer",)))
+                impl.sgd_step_([params[i] for i in indices], [grads_b[i] for i in indices],
+                               [grads_lb[i] for i in indices],
+                               [self.state[params[i]]["momentum_buffer"] for i in indices],
+                               found_inf, lr=lr, momentum=momentum,
+                               dampening=group["dampening"], nesterov=group["nesterov"],
+                               weight_decay=group["weight_decay"], maximize=group["maximize"],
+                               is_first_step=first, **common)
+        else:
+            amsgrad = group["amsgrad"]
+            for p in params:
+                state = self.state[p]
+                if "step" not in state:
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p,
+                                                           memory_format=torch.preserve_format)
+                    keys = ("step", "exp_avg", "exp_avg_sq")
+                    if amsgrad:
+                        state["max_exp_avg_sq"] = torch.zeros_like(p)
+                        keys += ("max_exp_avg_sq",)
+                    created.append((p, keys))
+                elif amsgrad and "max_exp_avg_sq" not in state:
+                    state["max_exp_avg_sq"] = torch.zeros_like(p)
+                    created.append((p, ("max_exp_avg_sq",)))
+                if state["step"].device != p.device:
+                    state["step"] = state["step"].to(p.device)
+            states = [self.state[p] for p in params]
+            beta1, beta2 = group["betas"]
+            impl.adam_step_(params, grads_b, grads_lb, [s["exp_avg"] for s in states],
+                            [s["exp_avg_sq"] for s in states],
+                            [s["max_exp_avg_sq"] for s in states] if amsgrad else [],
+                            [s["step"] for s in states], found_inf, lr=lr, beta1=float(beta1),
+                            beta2=float(beta2), eps=group["eps"],
+                            weight_decay=group["weight_decay"], amsgrad=amsgrad,
+                            maximize=group["maximize"],
+                            decoupled_weight_decay=self.optimizer_kind == "adamw", **common)
+        # State created for a step that was then skipped must vanish again: a skipped step
+        # changes nothing. Only steps that create state pay this host read.
+        if created and float(found_inf) != 0:
+            for p, keys in created:
+                for key in keys:
+                    self.state[p].pop(key, None)
+
+    # ----------------------------------------------------------------------------------------
+    # Checkpoints
+
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["gerne"] = {"skipped_steps": self.skipped_steps, "stashed": self.has_stash()}
+        return sd
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("gerne", {})  # absent in checkpoints of torch.optim optimizers
+        super().load_state_dict(state_dict)
+        self._skipped = {}
+        skipped = extra.get("skipped_steps", 0)
+        if skipped:
+            self._skipped[torch.device("cpu")] = torch.tensor(float(skipped))
+        stashed = extra.get("stashed", False) or any(
+            "grad_b" in self.state[p] for p in self._params() if p in self.state)
+        self._stash_signature = tuple(id(p) for p in self._params()) if stashed else None
