@@ -135,12 +135,12 @@ class GERNE(Optimizer):
                                f" (param group {len(self.param_groups) - 1})")
 
     def __setstate__(self, state):
+        # Checkpoints of torch.optim optimizers, or of older versions, lack GERNE's keys:
+        # they take this optimizer's defaults.
         super().__setstate__(state)
         for group in self.param_groups:
-            for key, value in _HYPERPARAMETERS[self.optimizer_kind].items():
+            for key, value in self.defaults.items():
                 group.setdefault(key, value)
-            group.setdefault("beta", 1.0)
-            group.setdefault("beta_bounds", None)
 
     # ----------------------------------------------------------------------------------------
     # The biased batch's gradient
@@ -198,8 +198,10 @@ class GERNE(Optimizer):
     def _drop_stash(self):
         for p in self._params():
             state = self.state.get(p)
-            if state:
+            if state is not None:
                 state.pop("grad_b", None)
+                if not state:  # no empty entries: a skipped first step leaves no trace
+                    del self.state[p]
         self._stash_signature = None
 
     # ----------------------------------------------------------------------------------------
