@@ -77,7 +77,7 @@ def cache_root():
 
 
 def _cpu_flags():
-    flags = ["-O3", "-std=c++17", "-fopenmp"]
+    flags = ["-O3", "-fopenmp"]  # the C++ standard: cpp_extension picks the one torch needs
     capability = torch.backends.cpu.get_cpu_capability()
     if capability == "AVX512":
         flags += ["-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512", "-mavx512f",
