@@ -20,7 +20,8 @@
 namespace gerne {
 
 GERNE_HD float gerne_sqrt(float x) { return sqrtf(x); }
-GERNE_HD float gerne_max(float a, float b) { return a > b ? a : (b != b ? b : a); }
+// max(a, b) that propagates NaN from either side, as torch.maximum does.
+GERNE_HD float gerne_max(float a, float b) { return (a > b || a != a) ? a : b; }
 #if !(defined(__CUDACC__) || defined(__HIPCC__))
 inline at::vec::Vectorized<float> gerne_sqrt(const at::vec::Vectorized<float>& x) { return x.sqrt(); }
 inline at::vec::Vectorized<float> gerne_max(const at::vec::Vectorized<float>& a,
@@ -50,6 +51,14 @@ struct SgdHyper {
   bool nesterov, maximize, is_first_step;
 };
 
+// The op's arguments as an SgdHyper (host side; shared by the CPU and CUDA kernels).
+inline SgdHyper make_sgd_hyper(double lr, double momentum, double dampening, double weight_decay,
+                               bool nesterov, bool maximize, bool is_first_step) {
+  return SgdHyper{static_cast<float>(lr), static_cast<float>(momentum),
+                  static_cast<float>(1.0 - dampening), static_cast<float>(weight_decay),
+                  nesterov, maximize, is_first_step};
+}
+
 // torch.optim.SGD on the extrapolated gradient g:
 //   g <- -g (maximize);  g <- g + wd * p;
 //   buf <- g (first step) or momentum * buf + (1 - dampening) * g;
@@ -72,6 +81,26 @@ struct AdamHyper {
   // Per tensor, from its step count t: lr / (1 - beta1^t) and sqrt(1 - beta2^t).
   float step_size, bias_correction2_sqrt;
 };
+
+// The op's arguments as an AdamHyper (host side; shared by the CPU and CUDA kernels). The
+// per-tensor fields are left for set_bias_corrections.
+inline AdamHyper make_adam_hyper(double lr, double beta1, double beta2, double eps,
+                                 double weight_decay, bool amsgrad, bool maximize,
+                                 bool decoupled_weight_decay) {
+  return AdamHyper{static_cast<float>(1.0 - beta1), static_cast<float>(beta2),
+                   static_cast<float>(1.0 - beta2), static_cast<float>(eps),
+                   static_cast<float>(weight_decay), static_cast<float>(1.0 - lr * weight_decay),
+                   amsgrad, maximize, decoupled_weight_decay, 0.0f, 0.0f};
+}
+
+// The per-tensor fields from its step count t (already incremented), in double as torch.optim
+// computes them in Python: step_size = lr / (1 - beta1^t), bias_correction2_sqrt = sqrt(1 - beta2^t).
+// Host and device: the CUDA kernel reads t from device memory, so a step needs no host sync.
+GERNE_HD void set_bias_corrections(AdamHyper& h, double lr, double beta1, double beta2,
+                                   double step) {
+  h.step_size = static_cast<float>(lr / (1.0 - pow(beta1, step)));
+  h.bias_correction2_sqrt = static_cast<float>(sqrt(1.0 - pow(beta2, step)));
+}
 
 // torch.optim.Adam (decoupled_weight_decay=False) / AdamW (True) on the extrapolated gradient g:
 //   g <- -g (maximize);  p <- p * (1 - lr * wd) (AdamW) or g <- g + wd * p (Adam);
