@@ -7,7 +7,9 @@
 from . import _ops  # noqa: F401  (declares the torch.library ops)
 from ._backends import available_backends
 from .optimizer import GERNE
+from .statistics import GradientStatistics
+from .wrapper import GERNEWrapper
 
 __version__ = "0.1.0"
 
-__all__ = ["GERNE", "available_backends"]
+__all__ = ["GERNE", "GERNEWrapper", "GradientStatistics", "available_backends"]

@@ -7,6 +7,17 @@ less-biased batch's gradient in ``.grad`` when ``step()`` runs. g then drives to
 Adam or AdamW update with torch.optim's exact semantics, in one fused pass over the parameters
 where a fused backend is available. The thin class here gathers tensors and state; the math lives
 in the ops of ``_ops.py`` (reference: ``_reference.py``).
+
+Two ways to feed it the two gradients:
+
+* stash mode: ``loss_b.backward(); opt.stash_biased(); loss_lb.backward(); opt.step()``. g_b is
+  kept apart (one gradient-sized buffer), which allows per-batch AMP scales and inf/NaN checks,
+  statistics (``track_statistics=True``) and one fused pass that forms g inside the update.
+* memory-lean mode: ``opt.backward_biased(loss_b); opt.backward_less_biased(loss_lb);
+  opt.step()``. By linearity the two backwards of -beta * L_b and (1 + beta) * L_lb accumulate
+  g itself in ``.grad``: no second buffer; step() applies the plain update to ``.grad``.
+
+torch.amp.GradScaler drives either mode through ``scaler.step(opt)`` (see ``_amp.py``).
 """
 
 import math
@@ -15,7 +26,8 @@ from collections import defaultdict
 import torch
 from torch.optim import Optimizer
 
-from . import _backends
+from . import _amp, _backends
+from .statistics import StatisticsAccumulator
 
 _HYPERPARAMETERS = {
     "sgd": dict(lr=1e-3, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
@@ -96,13 +108,20 @@ class GERNE(Optimizer):
         beta_bounds: optional (low, high), e.g. ``gk.beta_bounds(...)``; beta must stay inside.
         backend: "auto", "reference", "cpu", "cuda" or "triton".
         skip_nonfinite: skip a step (changing nothing) when g_b or g_lb holds inf or NaN.
+        grad_scaler: the torch.amp.GradScaler whose ``scaler.step(opt)`` drives this optimizer,
+            if any; needed in the stash mode so that the stash is unscaled and an inf/NaN in it
+            makes the scaler back off.
+        track_statistics: record ||g_b||, ||g_lb||, ||g|| and cos(g_b, g_lb) at each step
+            (stash mode), on the device without a host sync; read ``opt.statistics``.
 
     Usage per step: ``zero_grad(); loss_b.backward(); stash_biased(); loss_lb.backward();
-    step()``.
+    step()``, or in the memory-lean mode ``zero_grad(); backward_biased(loss_b);
+    backward_less_biased(loss_lb); step()``.
     """
 
     def __init__(self, params, optimizer="sgd", *, beta=1.0, beta_bounds=None, backend="auto",
-                 skip_nonfinite=True, **hyperparameters):
+                 skip_nonfinite=True, grad_scaler=None, track_statistics=False,
+                 **hyperparameters):
         if optimizer not in _HYPERPARAMETERS:
             raise ValueError(f"optimizer must be one of {sorted(_HYPERPARAMETERS)}, "
                              f"got {optimizer!r}")
@@ -118,21 +137,29 @@ class GERNE(Optimizer):
         defaults.update(beta=beta, beta_bounds=beta_bounds)
         _check_hyperparameters(optimizer, defaults)
         self.optimizer_kind = optimizer
+        self._init_two_batch_state(backend, skip_nonfinite, grad_scaler, track_statistics)
+        super().__init__(params, defaults)
+
+    def _init_two_batch_state(self, backend, skip_nonfinite, grad_scaler, track_statistics):
+        _amp.check_scaler(grad_scaler)
         self.backend = backend
         self.skip_nonfinite = skip_nonfinite
+        self.grad_scaler = grad_scaler
+        self.track_statistics = bool(track_statistics)
         self._skipped = {}  # device -> float32 count of skipped steps, kept on the device
         self._stash_signature = None
-        super().__init__(params, defaults)
-        # GradScaler hands us grad_scale and found_inf instead of unscaling .grad itself.
+        self._lean = None  # memory-lean mode within a step: {"beta": beta, "calls": {"b", "lb"}}
+        self._statistics = None
+        # GradScaler sets opt.grad_scale and opt.found_inf for the duration of scaler.step(opt)
+        # instead of unscaling .grad itself; they must stay unset otherwise.
         self._step_supports_amp_scaling = True
-        self.grad_scale = None
-        self.found_inf = None
+
+    def _check_group(self, group, where):
+        _check_hyperparameters(self.optimizer_kind, group, where)
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        _check_hyperparameters(self.optimizer_kind, group,
-                               f" (param group {len(self.param_groups) - 1})")
+        self._check_group(self.param_groups[-1], f" (param group {len(self.param_groups) - 1})")
 
     def __setstate__(self, state):
         # Checkpoints of torch.optim optimizers, or of older versions, lack GERNE's keys:
@@ -160,6 +187,10 @@ class GERNE(Optimizer):
         .grad. A .grad that is a view (DDP's gradient_as_bucket_view) is copied instead, since
         its storage is overwritten by the next backward.
         """
+        if self._lean is not None:
+            raise RuntimeError("stash_biased() after backward_biased()/backward_less_biased(): "
+                               "a step uses either the stash mode or the memory-lean mode. Call "
+                               "zero_grad() and redo the step in one mode.")
         if self.has_stash():
             raise RuntimeError("stash_biased() was called twice without step(): the first "
                                "biased gradient is still waiting. Call step() (or zero_grad() "
@@ -196,6 +227,8 @@ class GERNE(Optimizer):
         self._drop_stash()
 
     def _drop_stash(self):
+        """Forgets the pending biased gradient: the stash, or the lean mode's record."""
+        self._lean = None
         for p in self._params():
             state = self.state.get(p)
             if state is not None:
@@ -205,7 +238,59 @@ class GERNE(Optimizer):
         self._stash_signature = None
 
     # ----------------------------------------------------------------------------------------
+    # The memory-lean mode
+
+    def backward_biased(self, loss_b, **backward_kwargs):
+        """Memory-lean mode: backward of -beta * loss_b, accumulating into .grad.
+
+        Together with ``backward_less_biased(loss_lb)`` (in either order, each possibly several
+        times for gradient accumulation) .grad ends up holding the extrapolated gradient
+        g = (1 + beta) g_lb - beta g_b itself, with no second gradient buffer; step() then
+        applies the plain update to .grad. Under AMP pass ``scaler.scale(loss_b)``. Needs one
+        beta for all param groups; gives up what needs g_b and g_lb apart (statistics,
+        telling which batch overflowed).
+        """
+        self._lean_backward("b", loss_b, backward_kwargs)
+
+    def backward_less_biased(self, loss_lb, **backward_kwargs):
+        """Memory-lean mode: backward of (1 + beta) * loss_lb, accumulating into .grad."""
+        self._lean_backward("lb", loss_lb, backward_kwargs)
+
+    def _lean_backward(self, which, loss, backward_kwargs):
+        name = "backward_biased" if which == "b" else "backward_less_biased"
+        if self.has_stash():
+            raise RuntimeError(f"{name}() after stash_biased(): a step uses either the stash "
+                               "mode or the memory-lean mode. Call zero_grad() and redo the "
+                               "step in one mode.")
+        if self.track_statistics:
+            raise RuntimeError(f"{name}(): track_statistics=True needs g_b and g_lb apart, "
+                               "which the memory-lean mode never has. Use the stash mode "
+                               "(loss_b.backward(); opt.stash_biased(); loss_lb.backward()) or "
+                               "track_statistics=False.")
+        betas = sorted({float(group["beta"]) for group in self.param_groups})
+        if len(betas) != 1:
+            raise ValueError(f"{name}(): the memory-lean mode scales each loss by one beta, but "
+                             f"the param groups have betas {betas}. Use the stash mode "
+                             "(stash_biased()) for per-group betas.")
+        beta = betas[0]
+        if self._lean is None:
+            self._lean = {"beta": beta, "calls": set()}
+        elif self._lean["beta"] != beta:
+            raise RuntimeError(f"{name}(): beta changed from {self._lean['beta']} to {beta} "
+                               "within a step; change beta between steps only.")
+        self._lean["calls"].add(which)
+        factor = -beta if which == "b" else 1.0 + beta
+        (loss * factor).backward(**backward_kwargs)
+
+    # ----------------------------------------------------------------------------------------
     # The step
+
+    @property
+    def statistics(self):
+        """The last step's GradientStatistics (0-d device tensors: norm_b, norm_lb, norm, cos),
+        or None. Recorded with track_statistics=True in the stash mode; reading a value reads
+        the device, recording does not."""
+        return self._statistics
 
     @property
     def skipped_steps(self):
@@ -214,12 +299,24 @@ class GERNE(Optimizer):
 
     def _validate_before_step(self):
         for i, group in enumerate(self.param_groups):
-            _check_hyperparameters(self.optimizer_kind, group, f" (param group {i})")
+            self._check_group(group, f" (param group {i})")
         if self.has_stash() and self._stash_signature != tuple(id(p) for p in self._params()):
             raise RuntimeError("the parameter list changed between stash_biased() and step() "
                                "(add_param_group?): the stashed gradient no longer matches. "
                                "Call zero_grad() and redo both backwards.")
-        if not self.has_stash() and any(g["beta"] != 0 for g in self.param_groups):
+        if self._lean is not None:
+            missing = [name for key, name in (("b", "backward_biased(loss_b)"),
+                                              ("lb", "backward_less_biased(loss_lb)"))
+                       if key not in self._lean["calls"]]
+            if missing:
+                raise RuntimeError(f"memory-lean mode: step() needs both backward_biased(loss_b) "
+                                   f"and backward_less_biased(loss_lb); {missing[0]} was not "
+                                   "called in this step")
+            if any(float(g["beta"]) != self._lean["beta"] for g in self.param_groups):
+                raise RuntimeError("beta changed after this step's lean-mode backwards, which "
+                                   f"scaled the losses with beta = {self._lean['beta']}; change "
+                                   "beta between steps only (zero_grad() and redo this step)")
+        elif not self.has_stash() and any(g["beta"] != 0 for g in self.param_groups):
             raise RuntimeError("step() needs the biased batch's gradient g_b: call "
                                "opt.stash_biased() after loss_b.backward() and before "
                                "loss_lb.backward() (only beta = 0 runs without it)")
@@ -250,8 +347,11 @@ class GERNE(Optimizer):
                 raise ValueError(f"GERNE's fused step needs contiguous parameters; a parameter "
                                  f"of shape {tuple(p.shape)} with strides {p.stride()} is not. "
                                  "Make it contiguous (p.data = p.data.contiguous()).")
-            g_b = torch.zeros_like(p) if g_b is None else g_b.contiguous()
             g_lb = torch.zeros_like(p) if g_lb is None else g_lb.contiguous()
+            if g_b is not None:
+                g_b = g_b.contiguous()
+            else:  # without any stash (lean mode, beta = 0) scale_b is 0: no buffer needed
+                g_b = torch.zeros_like(p) if self.has_stash() else g_lb
             bucket = buckets[(p.device, p.dtype)]
             bucket[0].append(p)
             bucket[1].append(g_b)
@@ -260,14 +360,10 @@ class GERNE(Optimizer):
 
     def _found_inf_for(self, device):
         found = torch.zeros((), dtype=torch.float32, device=device)
-        if self.found_inf is not None:
-            found.add_(self.found_inf.to(device=device, dtype=torch.float32))
+        scaler_found = getattr(self, "found_inf", None)  # set only inside scaler.step(opt)
+        if scaler_found is not None:
+            found.add_(scaler_found.to(device=device, dtype=torch.float32))
         return found
-
-    def _inverse_scale(self):
-        if self.grad_scale is None:
-            return 1.0
-        return 1.0 / float(self.grad_scale)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -277,13 +373,40 @@ class GERNE(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._validate_before_step()
-        inv_scale = self._inverse_scale()
+        plans = self._plans()
+        self._statistics = self._record_statistics(plans) if self.track_statistics else None
+        found_per_device = self._apply(plans)
+        self._finish_step(found_per_device)
+        return loss
+
+    def _plans(self):
+        """Per param group and (device, dtype) bucket: (group, device, dtype, (params, g_b,
+        g_lb), scale_b, scale_lb, inv_scale_b, inv_scale_lb); scale_lb * g_lb + scale_b * g_b
+        is the unscaled extrapolated gradient (in the lean mode .grad already holds it)."""
+        stash = self.has_stash()
+        inv_b, inv_lb = _amp.inverse_scales(self, stash)
         plans = []
         for group in self.param_groups:
             beta = float(group["beta"])
+            if stash:
+                scale_b, scale_lb = -beta * inv_b, (1.0 + beta) * inv_lb
+            else:
+                scale_b, scale_lb = 0.0, inv_lb
             for (device, dtype), tensors in self._gather(group).items():
-                plans.append((group, device, dtype, tensors, -beta * inv_scale,
-                              (1.0 + beta) * inv_scale))
+                plans.append((group, device, dtype, tensors, scale_b, scale_lb, inv_b, inv_lb))
+        return plans
+
+    def _record_statistics(self, plans):
+        if not self.has_stash():
+            return None
+        accumulator = StatisticsAccumulator()
+        for _, _, _, (_, grads_b, grads_lb), scale_b, scale_lb, inv_b, inv_lb in plans:
+            accumulator.add(grads_b, grads_lb, inv_scale_b=inv_b, inv_scale_lb=inv_lb,
+                            scale_b=scale_b, scale_lb=scale_lb)
+        return accumulator.result()
+
+    def _apply(self, plans):
+        """Runs the fused update of every bucket; returns {device: found_inf}."""
         found_per_device = {}
         for device in {plan[1] for plan in plans}:
             found_per_device[device] = self._found_inf_for(device)
@@ -298,17 +421,21 @@ class GERNE(Optimizer):
             if self.skip_nonfinite and not in_op_check:
                 grads = [g for plan in device_plans for g in plan[3][1] + plan[3][2]]
                 found_per_device[device].add_(nonfinite_flag(grads))
-            for group, _, dtype, tensors, scale_b, scale_lb in device_plans:
+            for group, _, dtype, tensors, scale_b, scale_lb, _, _ in device_plans:
                 impl = _backends.implementation(self.backend, device.type, dtype)
                 self._update(impl, group, tensors, found_per_device[device], scale_b,
                              scale_lb, in_op_check)
+        return found_per_device
+
+    def _finish_step(self, found_per_device):
+        """Counts skipped steps, tells a driving GradScaler, forgets the stash."""
         for device, found in found_per_device.items():
             counter = self._skipped.get(device)
             if counter is None:
                 counter = self._skipped[device] = torch.zeros((), device=device)
             counter.add_(found)
+        _amp.report_found_inf(self, found_per_device)
         self._drop_stash()
-        return loss
 
     def _update(self, impl, group, tensors, found_inf, scale_b, scale_lb, check_finite):
         params, grads_b, grads_lb = tensors

@@ -1,0 +1,137 @@
+"""GERNEWrapper: GERNE's extrapolated gradient fed to any torch optimizer.
+
+    .grad <- g = (1 + beta) * g_lb - beta * g_b        (one fused pass: extrapolate_)
+    base_optimizer.step()
+
+The wrapper is a GERNE whose update is delegated: stash_biased(), the memory-lean mode,
+GradScaler support, inf/NaN skipping and statistics are GERNE's; step() forms g in .grad (reading
+g_b and g_lb once, writing g once, unscaling both under AMP) and calls ``base.step()``, unless an
+inf/NaN in either gradient skips the step. It shares ``param_groups`` with the base optimizer
+(each group gains a ``beta``), so LR and beta schedules work through either object.
+"""
+
+import torch
+from torch.optim import Optimizer
+
+from .optimizer import GERNE, _check_beta, nonfinite_flag
+
+
+class GERNEWrapper(GERNE):
+    """Any torch.optim.Optimizer (SGD, AdamW, Lion from another package...) stepping along g.
+
+    Args:
+        base_optimizer: the optimizer instance to feed; it owns the hyperparameters and state.
+        beta: the extrapolation factor, >= -1 (per param group, schedulable like lr).
+        beta_bounds, backend, skip_nonfinite, grad_scaler, track_statistics: as for GERNE.
+
+    Usage per step, as for GERNE: ``zero_grad(); loss_b.backward(); stash_biased();
+    loss_lb.backward(); step()`` (or ``backward_biased(loss_b); backward_less_biased(loss_lb)``).
+    """
+
+    def __init__(self, base_optimizer, beta=1.0, *, beta_bounds=None, backend="auto",
+                 skip_nonfinite=True, grad_scaler=None, track_statistics=False):
+        if not isinstance(base_optimizer, Optimizer):
+            raise TypeError("base_optimizer must be a torch.optim.Optimizer instance, got "
+                            f"{type(base_optimizer)}")
+        if isinstance(base_optimizer, GERNE):
+            raise TypeError("base_optimizer is already a GERNE optimizer; wrap a plain optimizer "
+                            "(torch.optim.SGD, AdamW, ...) instead")
+        self.base = base_optimizer
+        self.optimizer_kind = None
+        self._init_two_batch_state(backend, skip_nonfinite, grad_scaler, track_statistics)
+        # Adopts the base's group dicts (adding beta to each), then shares the very list, so
+        # that groups the base gains later are seen here too.
+        Optimizer.__init__(self, base_optimizer.param_groups,
+                           dict(beta=beta, beta_bounds=beta_bounds))
+        self.param_groups = base_optimizer.param_groups
+
+    def _check_group(self, group, where):
+        for key, value in self.defaults.items():
+            group.setdefault(key, value)  # groups the base gained without a beta
+        _check_beta(group["beta"], group.get("beta_bounds"), where)
+
+    def add_param_group(self, param_group):
+        if self.param_groups is not getattr(self.base, "param_groups", None):
+            super().add_param_group(param_group)  # adopting the base's groups in __init__
+            return
+        self.base.add_param_group(param_group)
+        self._check_group(self.param_groups[-1], f" (param group {len(self.param_groups) - 1})")
+
+    def zero_grad(self, set_to_none=True):
+        """Clears .grad (through the base optimizer) and discards a pending biased gradient."""
+        self.base.zero_grad(set_to_none=set_to_none)
+        self._drop_stash()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Writes g into .grad and runs ``base.step()``; returns the closure's loss if given.
+
+        Reads one flag from the device to decide whether the base steps (a skip changes
+        nothing: .grad keeps g_lb, the base's parameters and state stay as they were).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._validate_before_step()
+        self._give_every_stashed_param_a_grad()
+        plans = self._plans()
+        self._statistics = self._record_statistics(plans) if self.track_statistics else None
+        found_per_device = self._apply(plans)
+        if not any(float(found) != 0 for found in found_per_device.values()):
+            self.base.step()
+        self._finish_step(found_per_device)
+        return loss
+
+    def _give_every_stashed_param_a_grad(self):
+        """g is written into .grad in place: it must exist (zeros when the less-biased batch did
+        not reach the parameter) and be contiguous."""
+        for p in self._params():
+            grad = p.grad
+            if grad is None:
+                state = self.state.get(p)
+                if state is not None and state.get("grad_b") is not None:
+                    p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            elif not grad.is_sparse and not grad.is_contiguous():
+                p.grad = grad.contiguous()
+
+    def _update(self, impl, group, tensors, found_inf, scale_b, scale_lb, check_finite):
+        _, grads_b, grads_lb = tensors
+        if scale_b == 0 and scale_lb == 1:  # .grad already holds g (lean mode, beta = 0)
+            if check_finite:
+                found_inf.add_(nonfinite_flag(grads_lb).to(found_inf.device))
+            return
+        impl.extrapolate_(grads_lb, grads_b, grads_lb, found_inf, scale_b=scale_b,
+                          scale_lb=scale_lb, check_finite=check_finite)
+
+    # ----------------------------------------------------------------------------------------
+    # Checkpoints: the base's state_dict, plus the pending stash and the skip count
+
+    def state_dict(self):
+        params = self._params()
+        stash = {i: self.state[p]["grad_b"] for i, p in enumerate(params)
+                 if p in self.state and self.state[p].get("grad_b") is not None}
+        return {"base": self.base.state_dict(), "grad_b": stash,
+                "gerne": {"skipped_steps": self.skipped_steps, "stashed": self.has_stash()}}
+
+    def load_state_dict(self, state_dict):
+        if "base" not in state_dict:
+            raise ValueError("GERNEWrapper.load_state_dict expects a GERNEWrapper.state_dict() "
+                             "(with a 'base' entry); to load a checkpoint of the bare base "
+                             "optimizer, call wrapper.base.load_state_dict(...)")
+        self.base.load_state_dict(state_dict["base"])
+        self.param_groups = self.base.param_groups  # the base's load made a new list
+        for i, group in enumerate(self.param_groups):
+            self._check_group(group, f" (param group {i})")
+        self.state.clear()
+        self._drop_stash()
+        params = self._params()
+        for index, grad_b in state_dict.get("grad_b", {}).items():
+            p = params[int(index)]
+            self.state[p]["grad_b"] = grad_b.to(device=p.device, dtype=p.dtype)
+        extra = state_dict.get("gerne", {})
+        self._skipped = {}
+        if extra.get("skipped_steps", 0):
+            self._skipped[torch.device("cpu")] = torch.tensor(float(extra["skipped_steps"]))
+        if extra.get("stashed", False) or state_dict.get("grad_b"):
+            self._stash_signature = tuple(id(p) for p in params)
