@@ -22,7 +22,8 @@ def info(_args=None):
         print(f"sources: {_build.source_dir()}")
     except FileNotFoundError as exc:
         print(f"sources: MISSING ({exc})")
-    print(f"build cache: {_build.cache_root()}  (set ${_build.CACHE_ENV} to move it)")
+    root, why = _build.cache_location()
+    print(f"build cache: {root}  ({why}; set ${_build.CACHE_ENV} to move it)")
     print()
     print(f"{'backend':<10} {'status':<12} detail")
     for name in _backends.BACKENDS[1:]:

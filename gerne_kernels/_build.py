@@ -4,13 +4,16 @@ The build goes through ``torch.utils.cpp_extension.load`` with ninja into
 ``<cache>/<kind>-torch<version>-<key>``, where ``key`` hashes the torch and CUDA versions, the
 Python version, the compiler flags, the CUDA architectures and the sources. ``<cache>`` is
 ``$GERNE_KERNELS_CACHE``, else ``$XDG_CACHE_HOME/gerne_kernels``, else ``~/.cache/gerne_kernels``,
-else (not writable) a folder in the system temp dir. A finished build leaves an ``ok`` marker and
-later processes load the library directly, without running ninja.
+else (not writable, e.g. a read-only home) ``<tmp>/gerne_kernels-<uid>``. A finished build leaves
+an ``ok`` marker and later processes load the library directly, without running ninja.
 
 A failed build never raises from here: it returns a ``BuildResult`` whose ``error`` says why and
-whose ``log_path`` holds the compiler's output. Builds are serialised by an advisory ``flock``
-that the kernel releases when a builder dies, so a killed build cannot wedge later ones; the
-lock file that cpp_extension itself leaves behind is removed while we hold ours.
+whose ``log_path`` holds the compiler's output (in the temp folder when the cache is not
+writable). A missing or broken compiler or ninja is found before any build starts. Builds are
+serialised by an advisory ``flock`` that the kernel releases when a builder dies, so a killed
+build cannot wedge later ones, and a waiter gives up after ``$GERNE_KERNELS_BUILD_TIMEOUT``
+seconds naming the process that holds the lock. The lock file that cpp_extension itself leaves
+behind is removed while we hold ours, and a cached library that no longer loads is rebuilt.
 """
 
 import dataclasses
@@ -18,7 +21,11 @@ import fcntl
 import glob
 import hashlib
 import os
+import re
+import shlex
 import shutil
+import stat
+import subprocess
 import sys
 import tempfile
 import time
@@ -64,16 +71,46 @@ def _writable_dir(path):
         return False
 
 
-def cache_root():
-    """The folder that holds the builds; see the module docstring for the search order."""
+def cache_location():
+    """(folder that holds the builds, why that folder); see the module docstring for the order.
+
+    The temp fallback is ``<tmp>/gerne_kernels-<uid>`` when this user owns it (or can create it),
+    else a fresh private folder: a folder planted there by another user is never built into."""
     explicit = os.environ.get(CACHE_ENV)
     if explicit:
-        return explicit
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    preferred = os.path.join(xdg, "gerne_kernels")
+        return explicit, f"from ${CACHE_ENV}"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = xdg or os.path.join(os.path.expanduser("~"), ".cache")
+    preferred = os.path.join(base, "gerne_kernels")
     if _writable_dir(preferred):
-        return preferred
-    return os.path.join(tempfile.gettempdir(), f"gerne_kernels-{os.getuid()}")
+        return preferred, "from $XDG_CACHE_HOME" if xdg else "the default (~/.cache)"
+    why = f"{preferred} is not writable: temp fallback (set ${CACHE_ENV} to choose)"
+    global _private_fallback
+    shared = os.path.join(tempfile.gettempdir(), f"gerne_kernels-{os.getuid()}")
+    if _owned_private_dir(shared):
+        return shared, why
+    if _private_fallback is None:
+        _private_fallback = tempfile.mkdtemp(prefix="gerne_kernels-")
+    return _private_fallback, why
+
+
+_private_fallback = None
+
+
+def _owned_private_dir(path):
+    """Creates ``path`` if needed; True if it is a real folder of ours that others cannot write."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        info = os.lstat(path)
+    except OSError:
+        return False
+    return (stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid()
+            and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and _writable_dir(path))
+
+
+def cache_root():
+    """The folder that holds the builds; see the module docstring for the search order."""
+    return cache_location()[0]
 
 
 def _cpu_flags():
@@ -158,19 +195,42 @@ def build_dir_for(kind):
     return os.path.join(cache_root(), f"{kind}-torch{version}-{_key(spec)}")
 
 
+def _compiler_command():
+    """$CXX split like a shell would (``ccache g++`` is two words), default ``c++``."""
+    words = shlex.split(os.environ.get("CXX", "") or "c++")
+    return words or ["c++"]
+
+
+def _tail(text, lines=5):
+    text = text.decode(errors="replace") if isinstance(text, bytes) else (text or "")
+    return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
+
+
 def _preflight(spec):
-    """A reason the build cannot start, or ''. Checked first so that a missing tool costs
-    milliseconds, not a failed ninja run."""
+    """A reason the build cannot start, or ''. Checked first so that a missing or broken tool
+    costs milliseconds, not a failed (or hung) ninja run."""
     if not spec.sources:
         return f"no {spec.kind} sources found under {source_dir()}"
-    cxx = os.environ.get("CXX", "c++")
-    if shutil.which(cxx) is None:
-        return f"C++ compiler {cxx!r} not found (set CXX to a working compiler, e.g. g++)"
+    cxx = _compiler_command()
+    shown = os.environ.get("CXX", "c++")
+    if shutil.which(cxx[0]) is None:
+        return (f"C++ compiler {shown!r} not found (from $CXX, else 'c++' on $PATH); "
+                "set CXX to a working compiler, e.g. CXX=g++")
     try:
-        from torch.utils.cpp_extension import verify_ninja_availability
-        verify_ninja_availability()
-    except RuntimeError:
-        return "ninja not found (pip install ninja)"
+        subprocess.run(cxx + ["--version"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       check=True, timeout=30)
+    except subprocess.CalledProcessError as exc:
+        return (f"C++ compiler {shown!r} does not run: `--version` exited with "
+                f"{exc.returncode} ({_tail(exc.output)}); set CXX to a working compiler")
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"C++ compiler {shown!r} does not run ({exc}); set CXX to a working compiler"
+    if shutil.which("ninja") is None:
+        return "ninja not found on $PATH (pip install ninja, or add its folder to PATH)"
+    try:
+        subprocess.run(["ninja", "--version"], stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, check=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"ninja on $PATH ({shutil.which('ninja')}) does not run ({exc}); pip install ninja"
     if spec.kind == "cuda":
         from torch.utils.cpp_extension import CUDA_HOME
         if torch.version.cuda is None:
@@ -184,7 +244,8 @@ def _preflight(spec):
 
 
 class _FileLock:
-    """flock with a deadline; the OS drops it when the holding process dies."""
+    """flock with a deadline; the OS drops it when the holding process dies. The holder writes
+    its pid into the file, so that a waiter that gives up can say who is building."""
 
     def __init__(self, path, timeout):
         self.path, self.timeout, self.fd = path, timeout, None
@@ -195,13 +256,18 @@ class _FileLock:
         while True:
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.ftruncate(self.fd, 0)
+                os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
                 return self
             except BlockingIOError:
                 if time.monotonic() > deadline:
+                    holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip()
                     os.close(self.fd)
+                    who = f"process {holder}" if holder.isdigit() else "another process"
                     raise TimeoutError(
-                        f"another process has held the build lock {self.path} for over "
-                        f"{self.timeout:.0f} s (raise {BUILD_TIMEOUT_ENV} to wait longer)")
+                        f"{who} has held the build lock {self.path} for over "
+                        f"{self.timeout:.0f} s without finishing; wait for it, end it, or raise "
+                        f"${BUILD_TIMEOUT_ENV} (seconds) to wait longer") from None
                 time.sleep(0.1)
 
     def __exit__(self, *exc):
@@ -217,8 +283,37 @@ def _write_log(path, text):
     try:
         with open(path, "w") as f:
             f.write(text)
+        return True
     except OSError:
-        pass
+        return False
+
+
+def _fallback_log_path(kind):
+    """Where the log goes when the build folder itself cannot be created."""
+    return os.path.join(tempfile.gettempdir(), f"gerne_kernels-{os.getuid()}-{kind}-build.log")
+
+
+def _failure_summary(exc):
+    """One line for the user: the compiler's first error line if there is one."""
+    text = str(exc)
+    output = getattr(exc, "output", None)
+    if output:
+        text += "\n" + (output.decode(errors="replace") if isinstance(output, bytes) else output)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for pattern in (re.compile(r"(^|\s|:)(fatal )?error:", re.I), re.compile(r"^FAILED:")):
+        for line in lines:
+            if pattern.search(line):
+                return line[:400]
+    return lines[0][:400] if lines else type(exc).__name__
+
+
+def _forget_in_process_build(name):
+    """cpp_extension remembers per process which sources it built under ``name`` and skips the
+    build when asked again; a retry after a failed build must really rebuild."""
+    from torch.utils import cpp_extension
+    entries = getattr(getattr(cpp_extension, "JIT_EXTENSION_VERSIONER", None), "entries", None)
+    if isinstance(entries, dict):
+        entries.pop(name, None)
 
 
 def build(kind, *, load=True):
@@ -244,35 +339,61 @@ def build(kind, *, load=True):
         result.seconds = time.perf_counter() - start
         return result
 
+    def fail(error, log_text):
+        """Reports ``error``; the log goes to the build folder, else to the temp folder."""
+        try:
+            os.makedirs(build_dir, exist_ok=True)
+        except OSError:
+            pass
+        if not _write_log(result.log_path, log_text):
+            result.log_path = _fallback_log_path(kind)
+            if not _write_log(result.log_path, log_text):
+                result.log_path = ""
+        return finish(False, error)
+
     def load_library():
         if load:
             torch.ops.load_library(library_path)
 
-    if os.path.isfile(ok_marker) and os.path.isfile(library_path):
+    def cached():
+        return os.path.isfile(ok_marker) and os.path.isfile(library_path)
+
+    corrupt = ""
+    if cached():
         try:
             load_library()
             return finish(True, cached=True)
-        except Exception as exc:  # a corrupt cache entry: rebuild below
-            _write_log(log_path, f"loading the cached library failed, rebuilding:\n{exc}\n")
+        except OSError as exc:  # dlopen refused the file (truncated, not ELF): rebuilt below
+            corrupt = f"loading the cached library {library_path} failed, rebuilt it:\n{exc}\n"
+        except Exception as exc:  # e.g. its ops are already registered from another library
+            return fail(f"loading {library_path} failed: {_failure_summary(exc)}",
+                        f"{exc}\n\n{traceback.format_exc()}")
     reason = _preflight(spec)
     if reason:
-        try:
-            os.makedirs(build_dir, exist_ok=True)
-            _write_log(log_path, reason + "\n")
-        except OSError:
-            result.log_path = ""
-        return finish(False, reason)
+        return fail(reason, reason + "\n")
     try:
         os.makedirs(build_dir, exist_ok=True)
+        if not _writable_dir(build_dir):
+            raise PermissionError(f"cannot write into {build_dir}")
+    except OSError as exc:
+        root, why = cache_location()
+        error = (f"the build cache {root} ({why}) is not writable ({exc}); set ${CACHE_ENV} "
+                 "to a writable folder")
+        return fail(error, error + "\n")
+    try:
         timeout = float(os.environ.get(BUILD_TIMEOUT_ENV, "900"))
         with _FileLock(build_dir + ".lock", timeout):
-            if os.path.isfile(ok_marker) and os.path.isfile(library_path):
+            if cached() and not corrupt:
                 load_library()  # another process finished it while we waited
                 return finish(True, cached=True)
-            stale = os.path.join(build_dir, "lock")  # cpp_extension's own baton
-            if os.path.exists(stale):
-                os.remove(stale)
+            # Whatever a killed or failed build left behind: cpp_extension's own lock file
+            # (older torch waits forever while it exists) and a half-valid cache entry.
+            for leftover in (os.path.join(build_dir, "lock"), ok_marker) + (
+                    (library_path,) if corrupt else ()):
+                if os.path.exists(leftover):
+                    os.remove(leftover)
             from torch.utils import cpp_extension
+            _forget_in_process_build(name)
             kwargs = dict(name=name, sources=spec.sources, extra_cflags=spec.cflags,
                           extra_ldflags=spec.ldflags, extra_include_paths=spec.include_paths,
                           build_directory=build_dir, is_python_module=False, verbose=False)
@@ -295,12 +416,14 @@ def build(kind, *, load=True):
                         os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
                     else:
                         os.environ["TORCH_CUDA_ARCH_LIST"] = saved_arch
-            _write_log(log_path, f"built {library_path}\nflags: {spec.cflags} "
+            _write_log(log_path, f"{corrupt}built {library_path}\nflags: {spec.cflags} "
                                  f"{spec.cuda_cflags}\narch: {spec.arch_list}\n")
             with open(ok_marker, "w") as f:
                 f.write(library_path + "\n")
             return finish(True)
     except Exception as exc:
-        _write_log(log_path, f"{exc}\n\n{traceback.format_exc()}")
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return finish(False, f"build failed: {first_line}")
+        output = getattr(exc, "output", None)
+        if isinstance(output, bytes):
+            output = output.decode(errors="replace")
+        log_text = f"{corrupt}{exc}\n\n{output or ''}\n{traceback.format_exc()}"
+        return fail(f"build failed: {_failure_summary(exc)}", log_text)
