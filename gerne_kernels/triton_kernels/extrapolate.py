@@ -1,0 +1,77 @@
+"""triton_extrapolate_: out[i] = scale_lb * g_lb[i] + scale_b * g_b[i], the extrapolated
+gradient alone (the wrapper around other optimizers feeds it to them). out[i] may be
+grads_lb[i]: each element is read before it is written, by the same program."""
+
+import triton
+import triton.language as tl
+
+from . import _launch
+from .finite_check import flag_nonfinite_per_tensor
+from .math import extrapolated_grad
+from .storage import to_storage
+from .tables import remaining_elements, table_pointer, update_chunk
+
+OP_NAME = "triton_extrapolate_"
+# Pointer-table columns of the multi-tensor launch; numel follows in the last column.
+OUT, G_B, G_LB = (tl.constexpr(column) for column in range(3))
+WIDTH = tl.constexpr(4)
+
+
+@triton.jit
+def extrapolate_chunk(out_ptr, g_b_ptr, g_lb_ptr, remaining, scale_b, scale_lb,
+                      BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    mask = offsets < remaining
+    g_b = tl.load(g_b_ptr + offsets, mask=mask).to(tl.float32)
+    g_lb = tl.load(g_lb_ptr + offsets, mask=mask).to(tl.float32)
+    g = extrapolated_grad(g_b, g_lb, scale_b, scale_lb)
+    tl.store(out_ptr + offsets, to_storage(g, out_ptr), mask=mask)
+
+
+@triton.jit
+def _extrapolate_multi_tensor_kernel(table_ptr, chunks_ptr, found_inf_ptr, out_like, g_b_like,
+                                     g_lb_like, scale_b, scale_lb, BLOCK: tl.constexpr,
+                                     ALIGNED: tl.constexpr):
+    row, base, remaining = update_chunk(table_ptr, chunks_ptr, found_inf_ptr, WIDTH, BLOCK)
+    out_ptr = table_pointer(table_ptr, row, OUT, WIDTH, out_like, ALIGNED) + base
+    g_b_ptr = table_pointer(table_ptr, row, G_B, WIDTH, g_b_like, ALIGNED) + base
+    g_lb_ptr = table_pointer(table_ptr, row, G_LB, WIDTH, g_lb_like, ALIGNED) + base
+    extrapolate_chunk(out_ptr, g_b_ptr, g_lb_ptr, remaining, scale_b, scale_lb, BLOCK)
+
+
+@triton.jit
+def _extrapolate_per_tensor_kernel(out_ptr, g_b_ptr, g_lb_ptr, found_inf_ptr, numel, scale_b,
+                                   scale_lb, BLOCK: tl.constexpr):
+    base = tl.program_id(0).to(tl.int64) * BLOCK
+    remaining = remaining_elements(found_inf_ptr, numel, base)
+    extrapolate_chunk(out_ptr + base, g_b_ptr + base, g_lb_ptr + base, remaining, scale_b,
+                      scale_lb, BLOCK)
+
+
+def extrapolate_(out, grads_b, grads_lb, found_inf, *, scale_b, scale_lb, check_finite):
+    """The Triton implementation of gerne_kernels::triton_extrapolate_ (schema in _ops.py)."""
+    device_index = _launch.check_found_inf(found_inf, OP_NAME)
+    numels = [g.numel() for g in grads_lb]
+    dtypes = _launch.check_lists(OP_NAME, device_index, numels, out=out, grads_b=grads_b,
+                                 grads_lb=grads_lb)
+    if not out:
+        return
+    mode, block, num_warps = _launch.mode_for(found_inf, dtypes)
+    scalars = dict(scale_b=float(scale_b), scale_lb=float(scale_lb))
+    if mode == "multi_tensor":
+        table, chunks, aligned, likes = _launch.prepare_multi_tensor(
+            found_inf, [out, grads_b, grads_lb], numels, g_b_column=G_B.value,
+            g_lb_column=G_LB.value, check_finite=check_finite, block=block,
+            num_warps=num_warps)
+        if chunks.shape[0]:
+            _extrapolate_multi_tensor_kernel[(chunks.shape[0],)](
+                table, chunks, found_inf, *likes, **scalars, BLOCK=block, ALIGNED=aligned,
+                num_warps=num_warps)
+        return
+    if check_finite:
+        flag_nonfinite_per_tensor(grads_b, grads_lb, found_inf, block=block,
+                                  num_warps=num_warps)
+    for o, g_b, g_lb, numel in zip(out, grads_b, grads_lb, numels):
+        if numel:
+            _extrapolate_per_tensor_kernel[(triton.cdiv(numel, block),)](
+                o, g_b, g_lb, found_inf, numel, **scalars, BLOCK=block, num_warps=num_warps)
