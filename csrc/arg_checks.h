@@ -6,12 +6,9 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
-namespace gerne {
+#include "fused_dtypes.h"
 
-inline bool is_fused_dtype(c10::ScalarType dtype) {
-  return dtype == c10::ScalarType::Float || dtype == c10::ScalarType::BFloat16 ||
-         dtype == c10::ScalarType::Half;
-}
+namespace gerne {
 
 // found_inf: a float32 tensor with one element, on the device the call runs on.
 inline void check_found_inf(const char* op, const at::Tensor& found_inf,

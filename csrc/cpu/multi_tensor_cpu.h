@@ -18,7 +18,6 @@
 #pragma once
 
 #include <ATen/Parallel.h>
-#include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -27,6 +26,7 @@
 #include <vector>
 
 #include "float_io.h"
+#include "fused_dtypes.h"
 
 namespace gerne::cpu {
 
@@ -131,23 +131,6 @@ void multi_tensor_apply(const std::vector<Streams<scalar_t, N>>& streams,
   for_each_chunk(numels, [&](const Chunk& c) {
     apply_elementwise(streams[c.tensor], c.begin, c.end, op_for(c.tensor));
   });
-}
-
-// Calls fn(scalar_t{}) with scalar_t the C++ type of dtype: float, c10::BFloat16 or c10::Half.
-template <typename Fn>
-void dispatch_fused_dtype(c10::ScalarType dtype, const char* op_name, const Fn& fn) {
-  switch (dtype) {
-    case c10::ScalarType::Float:
-      return fn(float{});
-    case c10::ScalarType::BFloat16:
-      return fn(c10::BFloat16{});
-    case c10::ScalarType::Half:
-      return fn(c10::Half{});
-    default:
-      TORCH_CHECK(false, op_name, ": tensors of dtype ", dtype,
-                  " are not supported; use float32, bfloat16 or float16 "
-                  "(or the reference backend for other dtypes)");
-  }
 }
 
 }  // namespace gerne::cpu
