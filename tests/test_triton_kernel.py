@@ -48,6 +48,86 @@ def test_triton_kernels_in_the_interpreter():
 
 
 # ---------------------------------------------------------------------------------------------
+# Compiled ahead of time for sm_80 and sm_90, without a GPU: triton.compile runs the same
+# front end, LLVM and ptxas as a launch on a device would, so GPU-only compile errors show in CI.
+
+def compile_for_gpu(kernel, arch, dtype, constexprs, aligned):
+    """PTX of one kernel variant. Argument types follow their names: *_ptr / *_like tensors
+    (the tables int64/int32, found_inf and step float32, the rest ``dtype``), numel int64,
+    other scalars float32. ``aligned`` gives every tensor 16-byte alignment, as the launcher
+    specialises for aligned arguments."""
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    special = {"table_ptr": "*i64", "chunks_ptr": "*i32", "found_inf_ptr": "*fp32",
+               "step_ptr": "*fp32"}
+    signature, attrs = {}, {}
+    for index, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr") or name.endswith("_like"):
+            signature[name] = special.get(name, "*" + dtype)
+            if aligned:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+        elif name == "numel":
+            signature[name] = "i64"
+        else:
+            signature[name] = "fp32"
+    names = inspect.signature(ASTSource).parameters
+    constant_key = "constexprs" if "constexprs" in names else "constants"
+    source = ASTSource(fn=kernel, signature=signature, attrs=attrs,
+                       **{constant_key: constexprs})
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=4))
+    return compiled.asm["ptx"]
+
+
+def aot_cases():
+    if not HAS_TRITON:
+        return []
+    from gerne_kernels.triton_kernels import adam, extrapolate, finite_check, sgd
+    block = dict(BLOCK=2048)
+    multi = dict(block, ALIGNED=True)
+    sgd_flags = dict(HAS_MOMENTUM=True, HAS_WEIGHT_DECAY=True, NESTEROV=True, MAXIMIZE=True,
+                     IS_FIRST_STEP=False)
+    adam_flags = dict(HAS_WEIGHT_DECAY=True, AMSGRAD=True, MAXIMIZE=True,
+                      DECOUPLED_WEIGHT_DECAY=True)
+    return [
+        ("sgd_multi_tensor", sgd._sgd_multi_tensor_kernel, dict(multi, **sgd_flags)),
+        ("sgd_per_tensor", sgd._sgd_per_tensor_kernel, dict(block, **sgd_flags)),
+        ("adam_multi_tensor", adam._adam_multi_tensor_kernel, dict(multi, **adam_flags)),
+        ("adam_per_tensor", adam._adam_per_tensor_kernel, dict(block, **adam_flags)),
+        ("extrapolate_multi_tensor", extrapolate._extrapolate_multi_tensor_kernel, multi),
+        ("extrapolate_per_tensor", extrapolate._extrapolate_per_tensor_kernel, block),
+        ("nonfinite_multi_tensor", finite_check._nonfinite_multi_tensor_kernel,
+         dict(multi, G_B_COLUMN=1, G_LB_COLUMN=2, WIDTH=5)),
+        ("nonfinite_per_tensor", finite_check._nonfinite_per_tensor_kernel, block),
+    ]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="the interpreter replaces the kernels; compile them without it")
+@pytest.mark.parametrize("arch,dtype", [(90, "fp32"), (80, "bf16")])
+@pytest.mark.parametrize("name,kernel,constexprs", aot_cases(),
+                         ids=[case[0] for case in aot_cases()])
+def test_kernels_compile_for_sm80_and_sm90(name, kernel, constexprs, arch, dtype):
+    """Every kernel compiles; full blocks of aligned tensors move 16 bytes per access (the
+    multi-tensor kernels through the pointer table's alignment hint); float32 division and
+    square root are the IEEE-rounded instructions, not the approximate ones."""
+    ptx = compile_for_gpu(kernel, arch, dtype, constexprs, aligned=True)
+    assert "ld.global.v4" in ptx, f"{name}: no 16-byte vector loads for aligned tensors"
+    if not name.startswith("nonfinite"):
+        assert "st.global.v4" in ptx, f"{name}: no 16-byte vector stores for aligned tensors"
+    assert "div.full" not in ptx and "sqrt.approx" not in ptx, name
+    if name.startswith("adam"):
+        assert "div.rn.f32" in ptx and "sqrt.rn.f32" in ptx, name
+
+
+# ---------------------------------------------------------------------------------------------
 # Compiled on a GPU
 
 gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device and triton")

@@ -18,7 +18,7 @@ import triton.language as tl
 from . import _launch
 from .finite_check import flag_nonfinite_per_tensor
 from .math import set_bias_corrections, adam_update, extrapolated_grad
-from .storage import to_storage
+from .storage import load_f32, store_f32
 from .tables import remaining_elements, table_pointer, update_chunk
 
 OP_NAME = "triton_adam_step_"
@@ -33,28 +33,47 @@ def adam_chunk(p_ptr, g_b_ptr, g_lb_ptr, m_ptr, v_ptr, vmax_ptr, step_ptr, remai
                beta2, one_minus_beta2, eps, weight_decay, decay_factor, BLOCK: tl.constexpr,
                HAS_WEIGHT_DECAY: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
                DECOUPLED_WEIGHT_DECAY: tl.constexpr):
-    """Updates the first min(remaining, BLOCK) elements after the given pointers."""
+    """Updates the first min(remaining, BLOCK) elements after the given pointers: a full block
+    unmasked (vectorizable), a tensor's last block or a skipped step (remaining == 0) masked."""
     step_size, bias_correction2_sqrt = set_bias_corrections(
         tl.load(step_ptr), lr_hi, lr_lo, beta1_hi, beta1_lo, beta2_hi, beta2_lo)
+    if remaining >= BLOCK:
+        adam_block(p_ptr, g_b_ptr, g_lb_ptr, m_ptr, v_ptr, vmax_ptr, remaining, scale_b, scale_lb,
+                   one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay_factor,
+                   step_size, bias_correction2_sqrt, BLOCK, False, HAS_WEIGHT_DECAY, AMSGRAD,
+                   MAXIMIZE, DECOUPLED_WEIGHT_DECAY)
+    else:
+        adam_block(p_ptr, g_b_ptr, g_lb_ptr, m_ptr, v_ptr, vmax_ptr, remaining, scale_b, scale_lb,
+                   one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay_factor,
+                   step_size, bias_correction2_sqrt, BLOCK, True, HAS_WEIGHT_DECAY, AMSGRAD,
+                   MAXIMIZE, DECOUPLED_WEIGHT_DECAY)
+
+
+@triton.jit
+def adam_block(p_ptr, g_b_ptr, g_lb_ptr, m_ptr, v_ptr, vmax_ptr, remaining, scale_b, scale_lb,
+               one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay_factor,
+               step_size, bias_correction2_sqrt, BLOCK: tl.constexpr, MASKED: tl.constexpr,
+               HAS_WEIGHT_DECAY: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+               DECOUPLED_WEIGHT_DECAY: tl.constexpr):
+    """One block: BLOCK elements, or with MASKED those before ``remaining``."""
     offsets = tl.arange(0, BLOCK)
-    mask = offsets < remaining
-    g_b = tl.load(g_b_ptr + offsets, mask=mask).to(tl.float32)
-    g_lb = tl.load(g_lb_ptr + offsets, mask=mask).to(tl.float32)
-    p = tl.load(p_ptr + offsets, mask=mask).to(tl.float32)
-    m = tl.load(m_ptr + offsets, mask=mask).to(tl.float32)
-    v = tl.load(v_ptr + offsets, mask=mask).to(tl.float32)
+    g_b = load_f32(g_b_ptr, offsets, remaining, MASKED)
+    g_lb = load_f32(g_lb_ptr, offsets, remaining, MASKED)
+    p = load_f32(p_ptr, offsets, remaining, MASKED)
+    m = load_f32(m_ptr, offsets, remaining, MASKED)
+    v = load_f32(v_ptr, offsets, remaining, MASKED)
     vmax = v  # read only with amsgrad
     if AMSGRAD:
-        vmax = tl.load(vmax_ptr + offsets, mask=mask).to(tl.float32)
+        vmax = load_f32(vmax_ptr, offsets, remaining, MASKED)
     g = extrapolated_grad(g_b, g_lb, scale_b, scale_lb)
     p, m, v, vmax = adam_update(p, m, v, vmax, g, one_minus_beta1, beta2, one_minus_beta2, eps,
                                 weight_decay, decay_factor, step_size, bias_correction2_sqrt,
                                 HAS_WEIGHT_DECAY, AMSGRAD, MAXIMIZE, DECOUPLED_WEIGHT_DECAY)
-    tl.store(p_ptr + offsets, to_storage(p, p_ptr), mask=mask)
-    tl.store(m_ptr + offsets, to_storage(m, m_ptr), mask=mask)
-    tl.store(v_ptr + offsets, to_storage(v, v_ptr), mask=mask)
+    store_f32(p_ptr, offsets, p, remaining, MASKED)
+    store_f32(m_ptr, offsets, m, remaining, MASKED)
+    store_f32(v_ptr, offsets, v, remaining, MASKED)
     if AMSGRAD:
-        tl.store(vmax_ptr + offsets, to_storage(vmax, vmax_ptr), mask=mask)
+        store_f32(vmax_ptr, offsets, vmax, remaining, MASKED)
 
 
 @triton.jit

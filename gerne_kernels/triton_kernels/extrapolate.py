@@ -8,7 +8,7 @@ import triton.language as tl
 from . import _launch
 from .finite_check import flag_nonfinite_per_tensor
 from .math import extrapolated_grad
-from .storage import to_storage
+from .storage import load_f32, store_f32
 from .tables import remaining_elements, table_pointer, update_chunk
 
 OP_NAME = "triton_extrapolate_"
@@ -20,12 +20,22 @@ WIDTH = tl.constexpr(4)
 @triton.jit
 def extrapolate_chunk(out_ptr, g_b_ptr, g_lb_ptr, remaining, scale_b, scale_lb,
                       BLOCK: tl.constexpr):
+    """The first min(remaining, BLOCK) elements: a full block unmasked (vectorizable), a
+    tensor's last block or a skipped step (remaining == 0) masked."""
+    if remaining >= BLOCK:
+        extrapolate_block(out_ptr, g_b_ptr, g_lb_ptr, remaining, scale_b, scale_lb, BLOCK, False)
+    else:
+        extrapolate_block(out_ptr, g_b_ptr, g_lb_ptr, remaining, scale_b, scale_lb, BLOCK, True)
+
+
+@triton.jit
+def extrapolate_block(out_ptr, g_b_ptr, g_lb_ptr, remaining, scale_b, scale_lb,
+                      BLOCK: tl.constexpr, MASKED: tl.constexpr):
     offsets = tl.arange(0, BLOCK)
-    mask = offsets < remaining
-    g_b = tl.load(g_b_ptr + offsets, mask=mask).to(tl.float32)
-    g_lb = tl.load(g_lb_ptr + offsets, mask=mask).to(tl.float32)
+    g_b = load_f32(g_b_ptr, offsets, remaining, MASKED)
+    g_lb = load_f32(g_lb_ptr, offsets, remaining, MASKED)
     g = extrapolated_grad(g_b, g_lb, scale_b, scale_lb)
-    tl.store(out_ptr + offsets, to_storage(g, out_ptr), mask=mask)
+    store_f32(out_ptr, offsets, g, remaining, MASKED)
 
 
 @triton.jit

@@ -9,21 +9,28 @@ value, so the race between them is benign (and found_inf ends as 1.0, as in the 
 import triton
 import triton.language as tl
 
+from .storage import load_f32
 from .tables import program_chunk, table_numel, table_pointer
 
 
 @triton.jit
-def count_nonfinite(ptr, offsets, mask):
-    x = tl.load(ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+def count_nonfinite(ptr, offsets, remaining, MASKED: tl.constexpr):
+    x = load_f32(ptr, offsets, remaining, MASKED)
     nonfinite = (x != x) | (tl.abs(x) == float("inf"))
     return tl.sum(nonfinite.to(tl.int32), axis=0)
 
 
 @triton.jit
 def flag_nonfinite_chunk(g_b_ptr, g_lb_ptr, found_inf_ptr, remaining, BLOCK: tl.constexpr):
+    """found_inf = 1 if any of the first min(remaining, BLOCK) elements of g_b or g_lb is inf
+    or NaN (a full block unmasked, the last one masked)."""
     offsets = tl.arange(0, BLOCK)
-    mask = offsets < remaining
-    bad = count_nonfinite(g_b_ptr, offsets, mask) + count_nonfinite(g_lb_ptr, offsets, mask)
+    if remaining >= BLOCK:
+        bad = (count_nonfinite(g_b_ptr, offsets, remaining, False)
+               + count_nonfinite(g_lb_ptr, offsets, remaining, False))
+    else:
+        bad = (count_nonfinite(g_b_ptr, offsets, remaining, True)
+               + count_nonfinite(g_lb_ptr, offsets, remaining, True))
     tl.store(found_inf_ptr, 1.0, mask=bad > 0)
 
 

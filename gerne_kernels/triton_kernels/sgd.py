@@ -11,7 +11,7 @@ import triton.language as tl
 from . import _launch
 from .finite_check import flag_nonfinite_per_tensor
 from .math import extrapolated_grad, sgd_update
-from .storage import to_storage
+from .storage import load_f32, store_f32
 from .tables import remaining_elements, table_pointer, update_chunk
 
 OP_NAME = "triton_sgd_step_"
@@ -25,22 +25,38 @@ def sgd_chunk(p_ptr, g_b_ptr, g_lb_ptr, buf_ptr, remaining, scale_b, scale_lb, l
               one_minus_dampening, weight_decay, BLOCK: tl.constexpr,
               HAS_MOMENTUM: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
               NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, IS_FIRST_STEP: tl.constexpr):
-    """Updates the first min(remaining, BLOCK) elements after the given pointers."""
+    """Updates the first min(remaining, BLOCK) elements after the given pointers: a full block
+    unmasked (vectorizable), a tensor's last block or a skipped step (remaining == 0) masked."""
+    if remaining >= BLOCK:
+        sgd_block(p_ptr, g_b_ptr, g_lb_ptr, buf_ptr, remaining, scale_b, scale_lb, lr, momentum,
+                  one_minus_dampening, weight_decay, BLOCK, False, HAS_MOMENTUM,
+                  HAS_WEIGHT_DECAY, NESTEROV, MAXIMIZE, IS_FIRST_STEP)
+    else:
+        sgd_block(p_ptr, g_b_ptr, g_lb_ptr, buf_ptr, remaining, scale_b, scale_lb, lr, momentum,
+                  one_minus_dampening, weight_decay, BLOCK, True, HAS_MOMENTUM,
+                  HAS_WEIGHT_DECAY, NESTEROV, MAXIMIZE, IS_FIRST_STEP)
+
+
+@triton.jit
+def sgd_block(p_ptr, g_b_ptr, g_lb_ptr, buf_ptr, remaining, scale_b, scale_lb, lr, momentum,
+              one_minus_dampening, weight_decay, BLOCK: tl.constexpr, MASKED: tl.constexpr,
+              HAS_MOMENTUM: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
+              NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, IS_FIRST_STEP: tl.constexpr):
+    """One block: BLOCK elements, or with MASKED those before ``remaining``."""
     offsets = tl.arange(0, BLOCK)
-    mask = offsets < remaining
-    g_b = tl.load(g_b_ptr + offsets, mask=mask).to(tl.float32)
-    g_lb = tl.load(g_lb_ptr + offsets, mask=mask).to(tl.float32)
-    p = tl.load(p_ptr + offsets, mask=mask).to(tl.float32)
+    g_b = load_f32(g_b_ptr, offsets, remaining, MASKED)
+    g_lb = load_f32(g_lb_ptr, offsets, remaining, MASKED)
+    p = load_f32(p_ptr, offsets, remaining, MASKED)
     buf = p  # not read: the first step sets buf = g, and without momentum there is no buffer
     if HAS_MOMENTUM:
         if not IS_FIRST_STEP:
-            buf = tl.load(buf_ptr + offsets, mask=mask).to(tl.float32)
+            buf = load_f32(buf_ptr, offsets, remaining, MASKED)
     g = extrapolated_grad(g_b, g_lb, scale_b, scale_lb)
     p, buf = sgd_update(p, buf, g, lr, momentum, one_minus_dampening, weight_decay,
                         HAS_MOMENTUM, HAS_WEIGHT_DECAY, NESTEROV, MAXIMIZE, IS_FIRST_STEP)
-    tl.store(p_ptr + offsets, to_storage(p, p_ptr), mask=mask)
+    store_f32(p_ptr, offsets, p, remaining, MASKED)
     if HAS_MOMENTUM:
-        tl.store(buf_ptr + offsets, to_storage(buf, buf_ptr), mask=mask)
+        store_f32(buf_ptr, offsets, buf, remaining, MASKED)
 
 
 @triton.jit

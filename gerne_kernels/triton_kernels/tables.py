@@ -30,10 +30,10 @@ def table_pointer(table_ptr, row, COLUMN: tl.constexpr, WIDTH: tl.constexpr, lik
                   ALIGNED: tl.constexpr):
     """The address in (row, COLUMN) as a pointer of ``like``'s type; ALIGNED promises the
     compiler a 16-byte boundary (checked on the host), which allows vector loads."""
-    address = tl.load(table_ptr + row * WIDTH + COLUMN)
-    if ALIGNED:
-        address = tl.multiple_of(address, 16)
-    return address.to(like.dtype)
+    pointer = tl.load(table_ptr + row * WIDTH + COLUMN).to(like.dtype)
+    if ALIGNED:  # on the pointer: a hint on the int64 does not survive the cast
+        pointer = tl.multiple_of(pointer, 16)
+    return pointer
 
 
 @triton.jit
