@@ -72,10 +72,8 @@ def _counts_table(labels, attributes, counts, num_classes, num_attributes) -> to
         t = torch.as_tensor(counts)
         if t.dim() != 2 or t.shape[0] < 1 or t.shape[1] < 1:
             raise ValueError(f"counts must be a (K x A) table, got shape {tuple(t.shape)}")
-        if t.is_floating_point() and not torch.equal(t, t.round()):
-            raise ValueError("counts must hold integer group sizes")
-        if bool((t < 0).any()):
-            raise ValueError("counts must be non-negative")
+        if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+            raise ValueError("counts must be non-negative and finite")
         return t.to(torch.float64)
     if labels is None or attributes is None:
         raise ValueError("pass labels and attributes, or counts=(K x A) table of group sizes")
@@ -94,7 +92,8 @@ def beta_bounds(labels=None, attributes=None, c: float = None, *, counts=None,
     """Admissible ``(beta_min, beta_max)`` of Eq. 9 as a :class:`BetaBounds`.
 
     Give either ``labels`` and ``attributes`` (length-N integer arrays) or
-    ``counts``, a (K x A) table of group sizes ``|X_ya|``. ``c`` in (0, 1] is the
+    ``counts``, a (K x A) table of group sizes ``|X_ya|`` (any non-negative numbers
+    proportional to them within each class, e.g. the alphas, work too). ``c`` in (0, 1] is the
     sampler's mixing factor. ``simplified=True`` returns ``(-1, beta_max)`` with
     beta_max from the group with the largest ``alpha`` (the form used in practice).
 

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-__all__ = ["GroupMetrics", "group_metrics", "accuracy"]
+__all__ = ["GroupMetrics", "group_metrics", "accuracy", "class_balanced_accuracy"]
 
 
 def _to_numpy(x, name: str) -> np.ndarray:
@@ -83,14 +83,28 @@ def _predicted_classes(predictions) -> np.ndarray:
     return _as_labels(pred, "predictions")
 
 
-def accuracy(predictions, labels) -> float:
-    """Plain accuracy (fraction correct)."""
+def _predictions_and_labels(predictions, labels) -> Tuple[np.ndarray, np.ndarray]:
     pred, y = _predicted_classes(predictions), _as_labels(labels, "labels")
     if pred.shape != y.shape:
         raise ValueError(f"predictions and labels differ in length: {pred.shape[0]} vs {y.shape[0]}")
     if y.size == 0:
         raise ValueError("labels is empty")
+    return pred, y
+
+
+def accuracy(predictions, labels) -> float:
+    """Plain accuracy (fraction correct)."""
+    pred, y = _predictions_and_labels(predictions, labels)
     return float(np.mean(pred == y))
+
+
+def class_balanced_accuracy(predictions, labels) -> float:
+    """CBA: the mean over the classes present in ``labels`` of the per-class accuracy."""
+    pred, y = _predictions_and_labels(predictions, labels)
+    counts = np.bincount(y)
+    hits = np.bincount(y, weights=(pred == y).astype(np.float64), minlength=counts.size)
+    present = counts > 0
+    return float(np.mean(hits[present] / counts[present]))
 
 
 def group_metrics(predictions, labels, attributes, num_classes: Optional[int] = None,
@@ -125,16 +139,12 @@ def group_metrics(predictions, labels, attributes, num_classes: Optional[int] = 
             acc = float(hits[g] / counts[g])
             per_group[key] = (acc, int(counts[g]))
             accs.append((acc, key))
-    class_counts = np.bincount(y, minlength=k)
-    class_hits = np.bincount(y, weights=correct, minlength=k)
-    present = class_counts > 0
-    cba = float(np.mean(class_hits[present] / class_counts[present]))
     worst_acc, worst_key = min(accs, key=lambda t: t[0])
     return GroupMetrics(
         per_group=per_group,
         gba=float(np.mean([acc for acc, _ in accs])),
         wga=float(worst_acc),
-        cba=cba,
+        cba=class_balanced_accuracy(pred, y),
         accuracy=float(correct.mean()),
         empty_groups=empty,
         worst_group=worst_key,
