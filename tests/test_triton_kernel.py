@@ -18,9 +18,10 @@ import pytest
 import torch
 
 import gerne_kernels
+from gerne_kernels import _reference
 from triton_checks import (ADAM_HYPERS, SGD_HYPERS, adam_state, check_adam, check_extrapolate,
                            check_gerne_against_torch_optim, check_sgd, check_skipped,
-                           gradients, random_tensors, scales)
+                           fused_op, gradients, random_tensors, scales)
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -175,11 +176,10 @@ def test_unaligned_views_on_gpu(mode):
     g_b = random_tensors([10_001] * 3, torch.float32, "cuda", generator)
     g_lb = random_tensors([10_001] * 3, torch.float32, "cuda", generator)
     expected = [v.clone() for v in views]
-    from gerne_kernels import _ops, _reference
     kwargs = dict(SGD_HYPERS[5], is_first_step=False, scale_b=-1.0, scale_lb=2.0,
                   check_finite=True)
     _reference.sgd_step_(expected, g_b, g_lb, [], torch.zeros((), device="cuda"), **kwargs)
-    _ops.op("triton_sgd_step_")(views, g_b, g_lb, [], torch.zeros((), device="cuda"), **kwargs)
+    fused_op("sgd_step_")(views, g_b, g_lb, [], torch.zeros((), device="cuda"), **kwargs)
     for v, e in zip(views, expected):
         torch.testing.assert_close(v, e, rtol=2e-6, atol=1e-6)
 
@@ -200,12 +200,11 @@ def test_tensor_beyond_two_to_the_31_elements():
     free, _ = torch.cuda.mem_get_info()
     if free < 14 * 2 ** 30:
         pytest.skip("needs 14 GiB of free GPU memory")
-    from gerne_kernels import _ops
     g_b = torch.full((n,), 1.0, dtype=torch.bfloat16, device="cuda")
     g_lb = torch.full((n,), 2.0, dtype=torch.bfloat16, device="cuda")
     g_b[-3:] = torch.tensor([3.0, 4.0, 5.0], dtype=torch.bfloat16)
     out = torch.zeros_like(g_lb)
-    _ops.op("triton_extrapolate_")([out], [g_b], [g_lb], torch.zeros((), device="cuda"),
+    fused_op("extrapolate_")([out], [g_b], [g_lb], torch.zeros((), device="cuda"),
                                    scale_b=-1.0, scale_lb=2.0, check_finite=False)
     assert out[0].item() == 3.0 and out[2 ** 31 - 1].item() == 3.0
     assert out[-3:].tolist() == [1.0, 0.0, -1.0]
@@ -217,7 +216,6 @@ def test_tensor_beyond_two_to_the_31_elements():
 def test_captured_step_replays_in_a_cuda_graph(mode, kind):
     """A step captured once and replayed: each replay is one more step (Adam's step counts and
     bias corrections advance on the device) and reads found_inf at replay time."""
-    from gerne_kernels import _ops, _reference
     sizes = [4096, 1, 70_001, 33]
     generator = torch.Generator().manual_seed(7)
     params = random_tensors(sizes, torch.float32, "cuda", generator)
@@ -226,11 +224,11 @@ def test_captured_step_replays_in_a_cuda_graph(mode, kind):
     if kind == "sgd":
         state = [random_tensors(sizes, torch.float32, "cuda", generator)]
         hyper = dict(SGD_HYPERS[3], is_first_step=False)
-        op, reference = _ops.op("triton_sgd_step_"), _reference.sgd_step_
+        op, reference = fused_op("sgd_step_"), _reference.sgd_step_
     else:
         state = list(adam_state(sizes, torch.float32, "cuda", generator, True, (0, 2)))
         hyper = dict(ADAM_HYPERS[3])
-        op, reference = _ops.op("triton_adam_step_"), _reference.adam_step_
+        op, reference = fused_op("adam_step_"), _reference.adam_step_
     kwargs = dict(hyper, scale_b=scale_b, scale_lb=scale_lb, check_finite=True)
     expected_params, expected_state = copy.deepcopy(params), copy.deepcopy(state)
     found_inf = torch.zeros((), device="cuda")

@@ -5,7 +5,7 @@
   tests/test_triton_kernel.py  the compiled kernels on a GPU, larger sizes (skipped without one);
   tests/test_cuda_kernel.py    the same checks on the CUDA ops (prefix="": sgd_step_, ...).
 
-Each check builds one random problem, runs a few steps of the Triton op on one copy and of
+Each check builds one random problem, runs a few steps of the fused op on one copy and of
 gerne_kernels._reference (the specification) on another, and compares every tensor the op may
 write. States that must not be read (momentum buffers before the first step, max_exp_avg_sq
 without amsgrad) start as NaN, so reading them would show.
@@ -49,6 +49,14 @@ ADAM_HYPERS = [
     dict(lr=3e-2, beta1=0.0, beta2=0.5, eps=1e-3, weight_decay=0.0, amsgrad=False,
          maximize=False, decoupled_weight_decay=False),
 ]
+
+
+def fused_op(name, prefix="triton_"):
+    """The op gerne_kernels::<prefix><name>; for the Triton ops, their implementations are
+    registered first (importing gerne_kernels.triton_kernels does that)."""
+    if prefix == "triton_":
+        import gerne_kernels.triton_kernels  # noqa: F401
+    return _ops.op(prefix + name)
 
 
 def scales(beta, inv_scale_b=1.0, inv_scale_lb=1.0):
@@ -105,7 +113,7 @@ def check_sgd(device, dtype, sizes, hyper, *, beta=1.0, steps=3, inv_scales=(1.0
     grads = gradients(sizes, dtype, device, generator, steps, *inv_scales)
     scale_b, scale_lb = scales(beta, *inv_scales)
     results = []
-    for op in (_ops.op(prefix + "sgd_step_"), _reference.sgd_step_):
+    for op in (fused_op("sgd_step_", prefix), _reference.sgd_step_):
         p, bufs = copy.deepcopy(params), copy.deepcopy(buffers)
         found_inf = torch.zeros((), device=device)
         for step, (g_b, g_lb) in enumerate(grads):
@@ -141,7 +149,7 @@ def check_adam(device, dtype, sizes, hyper, *, beta=1.0, steps=3, first_steps=(0
     grads = gradients(sizes, dtype, device, generator, steps, *inv_scales)
     scale_b, scale_lb = scales(beta, *inv_scales)
     results = []
-    for op in (_ops.op(prefix + "adam_step_"), _reference.adam_step_):
+    for op in (fused_op("adam_step_", prefix), _reference.adam_step_):
         p, (m, v, vmax, t) = copy.deepcopy(params), copy.deepcopy(state)
         found_inf = torch.zeros((), device=device)
         for step, (g_b, g_lb) in enumerate(grads):
@@ -162,7 +170,7 @@ def check_extrapolate(device, dtype, sizes, *, beta=1.0, alias_out=False, out_dt
     (g_b, g_lb), = gradients(sizes, dtype, device, generator, 1, *inv_scales)
     scale_b, scale_lb = scales(beta, *inv_scales)
     results = []
-    for op in (_ops.op(prefix + "extrapolate_"), _reference.extrapolate_):
+    for op in (fused_op("extrapolate_", prefix), _reference.extrapolate_):
         lb = copy.deepcopy(g_lb)
         out = lb if alias_out else nan_like([g.to(out_dtype or dtype) for g in g_lb])
         op(out, g_b, lb, torch.zeros((), device=device), scale_b=scale_b, scale_lb=scale_lb,
@@ -189,7 +197,7 @@ def problem_for(op_name, device, dtype, sizes, seed=0, prefix="triton_"):
         args = [random_tensors(sizes, dtype, device, generator), g_b, g_lb]
         kwargs = {}
     kwargs.update(scale_b=scale_b, scale_lb=scale_lb)
-    return _ops.op(prefix + op_name), getattr(_reference, op_name), args, kwargs
+    return fused_op(op_name, prefix), getattr(_reference, op_name), args, kwargs
 
 
 def check_skipped(op_name, device, dtype, sizes, *, found_on_entry=0.0, corrupt=None,

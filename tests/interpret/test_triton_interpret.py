@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import gerne_kernels.triton_kernels as tk
-from gerne_kernels import _ops, _reference
+from gerne_kernels import _reference
 from triton_checks import (ADAM_HYPERS, SGD_HYPERS, check_adam, check_extrapolate, check_sgd,
-                           check_skipped, problem_for)
+                           check_skipped, fused_op, problem_for)
 
 assert tk.INTERPRET, "run with TRITON_INTERPRET=1 set before triton is imported"
 
@@ -87,7 +87,7 @@ def test_mixed_dtypes_within_a_list_use_per_tensor_launches():
     g_b = [torch.randn(n, generator=generator).to(p.dtype) for n, p in zip(sizes, mixed)]
     g_lb = [torch.randn(n, generator=generator).to(p.dtype) for n, p in zip(sizes, mixed)]
     results = []
-    for op in (_ops.op("triton_sgd_step_"), _reference.sgd_step_):
+    for op in (fused_op("sgd_step_"), _reference.sgd_step_):
         p = [t.clone() for t in mixed]
         bufs = [torch.zeros_like(t) for t in mixed]
         op(p, g_b, g_lb, bufs, torch.zeros(()), **SGD_HYPERS[1], is_first_step=False,
@@ -133,7 +133,7 @@ def test_nonfinite_gradient_without_check_finite_is_not_looked_for(op_name):
 
 
 def test_argument_errors():
-    sgd = _ops.op("triton_sgd_step_")
+    sgd = fused_op("sgd_step_")
     hyper = dict(SGD_HYPERS[1], is_first_step=False, scale_b=-1.0, scale_lb=2.0,
                  check_finite=False)
     p, g = [torch.zeros(4, 3)], [torch.zeros(4, 3)]
@@ -149,7 +149,7 @@ def test_argument_errors():
         sgd([torch.zeros(2, dtype=torch.float64)], [torch.zeros(2, dtype=torch.float64)],
             [torch.zeros(2, dtype=torch.float64)], [torch.zeros(2, dtype=torch.float64)],
             torch.zeros(()), **hyper)
-    adam = _ops.op("triton_adam_step_")
+    adam = fused_op("adam_step_")
     with pytest.raises(TypeError, match="state_steps"):
         adam(p, g, g, [torch.zeros(4, 3)], [torch.zeros(4, 3)], [],
              [torch.zeros((), dtype=torch.int64)], torch.zeros(()), **ADAM_HYPERS[0],
