@@ -6,10 +6,13 @@ Two launch strategies, selected by ``gerne_kernels.triton_kernels.LAUNCH_MODE``:
     *pointer table* (int64, one row per tensor: the data_ptr of each role, e.g. param, g_b, g_lb,
     buffers, then numel) and a *chunk table* (int32, one row per program: tensor row, chunk index
     within the tensor). Program k loads its row and casts the addresses to typed pointers. Why
-    the default: a Triton launch costs tens of microseconds of Python, so per-tensor launches
-    over 200..1,000 tensors spend milliseconds on the host alone, while the pointer table costs
-    one small host-to-device copy (cached: the tables are pure data, keyed by their contents,
-    and the addresses repeat from step to step).
+    the default (reasoned, not yet measured on a GPU: none was available when this was
+    written; benchmarks/bench_gpu.py compares the modes): a Triton launch costs tens of
+    microseconds of Python, so per-tensor launches over 200..1,000 tensors spend milliseconds
+    on the host alone, while the pointer table costs one small host-to-device copy (cached:
+    the tables are pure data, keyed by their contents, and addresses repeat between steps).
+    Either way the Python side checks and reads every tensor, about 1 us per tensor and role on
+    the 2-core CI machine; for many small tensors capture the step in a CUDA graph.
 ``"per_tensor"``: one launch per tensor with the tensors as ordinary kernel arguments. Triton
     then specialises on pointer alignment by itself; kept so that the GPU benchmark
     (benchmarks/bench_gpu.py) can compare both, and as the path the interpreter takes for
