@@ -167,8 +167,9 @@ def _spec(kind):
     if kind == "cuda":
         sources = sorted(glob.glob(os.path.join(src, "cuda", "*.cu")) +
                          glob.glob(os.path.join(src, "cuda", "*.cpp")))
-        return _Spec("cuda", sources, ["-O3", "-std=c++17"],
-                     ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"], [],
+        # No --use_fast_math: it flushes denormals and approximates division and sqrt, and the
+        # kernels must round like torch.optim. The C++ standard: cpp_extension picks torch's.
+        return _Spec("cuda", sources, ["-O3"], ["-O3", "-lineinfo"], [],
                      [src] + _cuda_include_paths(), cuda_arch_list())
     raise ValueError(f"unknown extension kind {kind!r}; expected 'cpu' or 'cuda'")
 
@@ -238,6 +239,10 @@ def _preflight(spec):
         if CUDA_HOME is None or not os.path.isfile(os.path.join(CUDA_HOME, "bin", "nvcc")):
             return ("nvcc not found: set CUDA_HOME to the CUDA toolkit folder "
                     "(the one whose lib64 holds libcudart)")
+        if not any(glob.glob(os.path.join(CUDA_HOME, lib, "libcudart.so*"))
+                   for lib in ("lib64", "lib")):
+            return (f"libcudart not found under CUDA_HOME={CUDA_HOME} (lib64 or lib): set "
+                    "CUDA_HOME to the CUDA toolkit folder, e.g. /usr/local/cuda")
         if not spec.arch_list:
             return "no CUDA device visible and TORCH_CUDA_ARCH_LIST not set"
     return ""
