@@ -14,7 +14,9 @@ enum SgdStream { kSgdParam, kSgdGradB, kSgdGradLb, kSgdMomentumBuffer, kSgdStrea
 enum AdamStream {
   kAdamParam, kAdamGradB, kAdamGradLb, kAdamExpAvg, kAdamExpAvgSq, kAdamMaxExpAvgSq, kAdamStreams
 };
-enum ExtrapolateStream { kExtrapolateOut, kExtrapolateGradB, kExtrapolateGradLb, kExtrapolateStreams };
+enum ExtrapolateStream {
+  kExtrapolateOut, kExtrapolateGradB, kExtrapolateGradLb, kExtrapolateStreams
+};
 
 constexpr uint32_t stream_bit(int j) { return 1u << j; }
 
