@@ -9,9 +9,10 @@
 // launch has chunks, however unevenly the elements are spread over the tensors.
 //
 // Table size. Since CUDA 12.1 a kernel argument may take up to 32764 bytes on Volta and newer
-// (sm_70+); the table fills most of that, i.e. hundreds of tensors per launch (Adam: ~500,
-// SGD: ~700, the finiteness scan: ~1400). More tensors than fit make further launches. The table
-// is a __grid_constant__ argument: the kernel reads it where the launch put it, never copies it.
+// (sm_70+); the table fills most of that, i.e. hundreds of tensors per launch (Adam: 466,
+// SGD: 699, extrapolate: 846, the finiteness scan: 1462); more tensors make more launches. The
+// table is a __grid_constant__ argument: the kernel reads it where the launch put it (constant
+// bank 0), never copies it.
 //
 // Streams. For each stream the launch says whether it is read and whether it is written (the same
 // for all tensors of the launch): an unread stream supplies zeros (a momentum buffer on its
