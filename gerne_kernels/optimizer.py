@@ -21,6 +21,7 @@ torch.amp.GradScaler drives either mode through ``scaler.step(opt)`` (see ``_amp
 """
 
 import math
+import numbers
 from collections import defaultdict
 
 import torch
@@ -39,17 +40,35 @@ _HYPERPARAMETERS = {
 }
 
 
+def _real(name, value, where):
+    """value as a float; a TypeError naming the hyperparameter if it is not a real number."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        return float(value)
+    if isinstance(value, numbers.Real):  # int, float, bool, numpy scalars
+        return float(value)
+    raise TypeError(f"{name}{where} must be a real number (a float or a one-element tensor), "
+                    f"got {value!r}")
+
+
 def _check_beta(beta, bounds, where):
-    if isinstance(beta, torch.Tensor):
-        beta = float(beta)
-    if not isinstance(beta, (int, float)) or math.isnan(beta):
+    beta = _real("beta", beta, where)
+    if math.isnan(beta):
         raise TypeError(f"beta{where} must be a real number, got {beta!r}")
+    if math.isinf(beta):
+        raise ValueError(f"beta{where} = {beta} is not finite: g = (1 + beta) g_lb - beta g_b "
+                         "would be inf or NaN. Use a finite beta >= -1.")
     if beta < -1:
         raise ValueError(
             f"beta{where} = {beta} is below -1: the less-biased batch would get a negative "
             "weight (1 + beta). Use beta >= -1 (beta = -1 is plain class-balanced ERM).")
     if bounds is not None:
-        lo, hi = bounds[0], bounds[1]
+        try:
+            lo, hi = (_real("beta_bounds", b, where) for b in bounds)
+        except (TypeError, ValueError):
+            lo = hi = math.nan
+        if not lo <= hi:
+            raise ValueError(f"beta_bounds{where} must be a pair (low, high) of real numbers "
+                             f"with low <= high, e.g. gk.beta_bounds(...); got {bounds!r}")
         if not lo <= beta <= hi:
             source = getattr(bounds, "source", "the beta_bounds argument")
             raise ValueError(
@@ -59,30 +78,33 @@ def _check_beta(beta, bounds, where):
 
 
 def _check_hyperparameters(kind, group, where=""):
+    """torch.optim's range checks (NaN fails them all), naming the hyperparameter and the fix."""
+    def nonnegative(name, label=None):
+        value = _real(name, group[name], where)
+        if not 0.0 <= value:
+            raise ValueError(f"Invalid {label or name}{where} = {group[name]}: use {name} >= 0")
+        return value
+
     lr = group["lr"]
-    if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1:
-            raise ValueError(f"lr{where} must be a float or a one-element tensor")
-        lr = float(lr)
-    if not 0.0 <= lr:
-        raise ValueError(f"Invalid learning rate lr{where} = {lr}: use lr >= 0")
-    if group["weight_decay"] < 0.0:
-        raise ValueError(f"Invalid weight_decay{where} = {group['weight_decay']}: use >= 0")
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError(f"lr{where} must be a float or a one-element tensor, got a tensor of "
+                         f"shape {tuple(lr.shape)}")
+    nonnegative("lr", "learning rate lr")
+    nonnegative("weight_decay")
     if kind == "sgd":
-        if group["momentum"] < 0.0:
-            raise ValueError(f"Invalid momentum{where} = {group['momentum']}: use >= 0")
-        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+        momentum = nonnegative("momentum")
+        dampening = _real("dampening", group["dampening"], where)
+        if group["nesterov"] and (momentum <= 0 or dampening != 0):
             raise ValueError(f"nesterov=True{where} requires momentum > 0 and dampening = 0 "
                              f"(got momentum={group['momentum']}, "
                              f"dampening={group['dampening']})")
     else:
-        if not 0.0 <= group["eps"]:
-            raise ValueError(f"Invalid eps{where} = {group['eps']}: use eps >= 0")
+        nonnegative("eps")
         betas = group["betas"]
-        if len(betas) != 2:
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas{where} must be a pair (beta1, beta2), got {betas!r}")
         for i, b in enumerate(betas):
-            if not 0.0 <= float(b) < 1.0:
+            if not 0.0 <= _real(f"betas[{i}]", b, where) < 1.0:
                 raise ValueError(f"Invalid betas[{i}]{where} = {b}: use 0 <= b < 1 (these are "
                                  "Adam's moment decays, not GERNE's extrapolation beta)")
     _check_beta(group["beta"], group.get("beta_bounds"), where)
@@ -158,8 +180,11 @@ class GERNE(Optimizer):
         _check_hyperparameters(self.optimizer_kind, group, where)
 
     def add_param_group(self, param_group):
+        # Checked before torch appends it: a refused group must leave no trace.
+        if isinstance(param_group, dict):
+            self._check_group({**self.defaults, **param_group},
+                              f" (param group {len(self.param_groups)})")
         super().add_param_group(param_group)
-        self._check_group(self.param_groups[-1], f" (param group {len(self.param_groups) - 1})")
 
     def __setstate__(self, state):
         # Checkpoints of torch.optim optimizers, or of older versions, lack GERNE's keys:
@@ -333,8 +358,9 @@ class GERNE(Optimizer):
                 if g is None:
                     continue
                 if g.is_sparse:
-                    raise RuntimeError("GERNE does not support sparse gradients; use dense "
-                                       "embeddings (sparse=False)")
+                    raise RuntimeError(f"{name} of a parameter of shape {tuple(p.shape)} is "
+                                       "sparse; GERNE does not support sparse gradients: use "
+                                       "dense embeddings (sparse=False)")
                 if g.shape != p.shape or g.device != p.device or g.dtype != p.dtype:
                     raise RuntimeError(
                         f"{name} of a parameter of shape {tuple(p.shape)} ({p.dtype}, "
@@ -413,16 +439,18 @@ class GERNE(Optimizer):
         # A skip must be total: every gradient on a device is checked before any update there.
         # With one bucket per device the fused op checks in its own first pass; with several,
         # one reduction pass over all of them runs first.
+        # The implementations are chosen first: a backend that cannot run one bucket raises
+        # before any bucket is updated.
+        impls = [_backends.implementation(self.backend, plan[1].type, plan[2]) for plan in plans]
         buckets_per_device = defaultdict(list)
-        for plan in plans:
-            buckets_per_device[plan[1]].append(plan)
+        for plan, impl in zip(plans, impls):
+            buckets_per_device[plan[1]].append((plan, impl))
         for device, device_plans in buckets_per_device.items():
             in_op_check = self.skip_nonfinite and len(device_plans) == 1
             if self.skip_nonfinite and not in_op_check:
-                grads = [g for plan in device_plans for g in plan[3][1] + plan[3][2]]
+                grads = [g for plan, _ in device_plans for g in plan[3][1] + plan[3][2]]
                 found_per_device[device].add_(nonfinite_flag(grads))
-            for group, _, dtype, tensors, scale_b, scale_lb, _, _ in device_plans:
-                impl = _backends.implementation(self.backend, device.type, dtype)
+            for (group, _, _, tensors, scale_b, scale_lb, _, _), impl in device_plans:
                 self._update(impl, group, tensors, found_per_device[device], scale_b,
                              scale_lb, in_op_check)
         return found_per_device

@@ -54,6 +54,9 @@ class GERNEWrapper(GERNE):
         if self.param_groups is not getattr(self.base, "param_groups", None):
             super().add_param_group(param_group)  # adopting the base's groups in __init__
             return
+        if isinstance(param_group, dict):  # checked first: a refused group leaves no trace
+            self._check_group({**self.defaults, **param_group},
+                              f" (param group {len(self.param_groups)})")
         self.base.add_param_group(param_group)
         self._check_group(self.param_groups[-1], f" (param group {len(self.param_groups) - 1})")
 

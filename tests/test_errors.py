@@ -140,3 +140,75 @@ def test_explicit_backend_for_wrong_device_or_dtype():
     p.sum().backward()
     with pytest.raises((TypeError, RuntimeError), match="reference|unavailable"):
         opt.step()
+
+
+@pytest.mark.parametrize("kwargs,exc,words", [
+    (dict(lr="0.1"), TypeError, ["lr", "real number"]),
+    (dict(lr=float("nan")), ValueError, ["lr"]),
+    (dict(weight_decay=float("nan")), ValueError, ["weight_decay", ">= 0"]),
+    (dict(momentum=float("nan")), ValueError, ["momentum", ">= 0"]),
+    (dict(dampening="none"), TypeError, ["dampening"]),
+    (dict(beta=float("inf")), ValueError, ["beta", "finite"]),
+    (dict(beta="1"), TypeError, ["beta", "real number"]),
+    (dict(beta_bounds=(2.0, 1.0)), ValueError, ["beta_bounds", "low <= high"]),
+    (dict(beta_bounds=0.5), ValueError, ["beta_bounds", "pair"]),
+])
+def test_malformed_hyperparameters_name_themselves(kwargs, exc, words):
+    with pytest.raises(exc) as info:
+        gk.GERNE(params(), **kwargs)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_adam_betas_that_are_not_a_pair():
+    with pytest.raises(ValueError, match=r"betas must be a pair"):
+        gk.GERNE(params(), optimizer="adam", betas=0.9)
+
+
+@pytest.mark.parametrize("make,group", [
+    ("gerne", {"lr": -1.0}), ("gerne", {"beta": -2.0}), ("gerne", {"beta": float("inf")}),
+    ("wrapper", {"beta": -2.0}), ("wrapper", {"beta": float("inf")}),
+])
+def test_refused_param_group_leaves_no_trace(make, group):
+    ps = params()
+    if make == "gerne":
+        opt = gk.GERNE(ps[:1], lr=0.1, momentum=0.9)
+    else:
+        opt = gk.GERNEWrapper(torch.optim.SGD(ps[:1], lr=0.1, momentum=0.9), beta=1.0)
+    with pytest.raises(ValueError, match="param group 1"):
+        opt.add_param_group({"params": [ps[1]], **group})
+    assert len(opt.param_groups) == 1
+    backward_both(opt, ps[:1])
+    opt.step()  # the optimizer still works, and the refused parameter is not in it
+    assert ps[1] not in opt.state
+
+
+def test_backend_that_cannot_run_one_bucket_fails_before_any_bucket_changes():
+    """float32 runs on the cpu backend, float64 cannot: nothing is updated, float32 included."""
+    a = torch.nn.Parameter(torch.randn(5))
+    b = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
+    opt = gk.GERNE([a, b], lr=0.1, momentum=0.9, backend="cpu")
+    backward_both(opt, [a, b])
+    before = [a.detach().clone(), b.detach().clone()]
+    with pytest.raises((TypeError, RuntimeError), match="backend='reference'|unavailable"):
+        opt.step()
+    assert torch.equal(a, before[0]) and torch.equal(b, before[1])
+    assert "momentum_buffer" not in opt.state.get(a, {})
+
+
+def test_sparse_less_biased_gradient_names_the_parameter():
+    p = torch.nn.Parameter(torch.randn(10, 3))
+    opt = gk.GERNE([p], lr=0.1)
+    p.grad = torch.ones(10, 3)
+    opt.stash_biased()
+    p.grad = torch.ones(10, 3).to_sparse()
+    with pytest.raises(RuntimeError, match=r"g_lb of a parameter of shape \(10, 3\) is sparse"):
+        opt.step()
+
+
+def test_backend_for_another_device_is_refused():
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = gk.GERNE([p], lr=0.1, backend="cuda")
+    backward_both(opt, [p])
+    with pytest.raises(ValueError, match="cannot run on cpu tensors"):
+        opt.step()
