@@ -404,6 +404,15 @@ def test_adam_step_counter_errors(cpu_ops, steps, words):
         assert word in str(info.value)
 
 
+def test_adam_float64_step_counters(cpu_ops):
+    """torch.optim makes float64 steps when the default dtype is float64; they count as well."""
+    problem = AdamProblem(torch.float32, SHAPES, ADAM_HYPER[2])
+    problem.steps = [s.double() for s in problem.steps]
+    problem.ref[4] = [s.double() for s in problem.ref[4]]
+    run_against_reference(cpu_ops["adam_step_"], problem, beta=1.0)
+    assert all(s.dtype == torch.float64 for s in problem.steps)
+
+
 def test_adam_amsgrad_needs_max_exp_avg_sqs(cpu_ops):
     with pytest.raises(RuntimeError, match="max_exp_avg_sqs has 0"):
         adam_call(cpu_ops["adam_step_"], two_params(), [])
