@@ -445,10 +445,13 @@ class GERNE(Optimizer):
         buckets_per_device = defaultdict(list)
         for plan, impl in zip(plans, impls):
             buckets_per_device[plan[1]].append((plan, impl))
+        # Without a stash g_b aliases g_lb (scale_b = 0): one pass over g_lb checks everything.
+        stash = self.has_stash()
         for device, device_plans in buckets_per_device.items():
-            in_op_check = self.skip_nonfinite and len(device_plans) == 1
+            in_op_check = self.skip_nonfinite and stash and len(device_plans) == 1
             if self.skip_nonfinite and not in_op_check:
-                grads = [g for plan, _ in device_plans for g in plan[3][1] + plan[3][2]]
+                grads = [g for plan, _ in device_plans
+                         for g in (plan[3][1] + plan[3][2] if stash else plan[3][2])]
                 found_per_device[device].add_(nonfinite_flag(grads))
             for (group, _, _, tensors, scale_b, scale_lb, _, _), impl in device_plans:
                 self._update(impl, group, tensors, found_per_device[device], scale_b,
