@@ -112,10 +112,24 @@ def _check_hyperparameters(kind, group, where=""):
 
 def nonfinite_flag(tensors):
     """A float32 0-d tensor: 1 if any element of any tensor is inf or NaN, else 0. One pass,
-    no host sync: the max-abs norm of a tensor is finite exactly when all its elements are."""
+    no host sync: the max-abs norm of a tensor is finite exactly when all its elements are.
+
+    On the CPU, where that norm is not vectorised (about 15x slower than a 2-norm), torch's
+    AMP check runs instead: _amp_foreach_non_finite_check_and_unscale_ with scale 1, which
+    flags the same elements and stores every value back unchanged.
+    """
     tensors = [t for t in tensors if t.numel()]
     if not tensors:
         return torch.zeros(())
+    device = tensors[0].device
+    if device.type == "cpu":
+        found, one = torch.zeros((), device=device), torch.ones((), device=device)
+        by_dtype = defaultdict(list)
+        for t in tensors:
+            by_dtype[t.dtype].append(t)
+        for same_dtype in by_dtype.values():
+            torch._amp_foreach_non_finite_check_and_unscale_(same_dtype, found, one)
+        return found
     norms = torch.stack(torch._foreach_norm(tensors, float("inf")))
     return torch.logical_not(torch.isfinite(norms).all()).to(torch.float32)
 
