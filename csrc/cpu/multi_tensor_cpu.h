@@ -1,10 +1,13 @@
 // The multi-tensor harness of the CPU kernels: one parallel pass over many tensors.
 //
-// Work list. Every tensor is cut into chunks of at most kChunk elements; the chunks of all
-// tensors, in order, form one flat list of (tensor, begin, end). The list is split into one
-// contiguous group per thread with equal cost, cost = elements + a fixed per-chunk overhead, so
-// that one huge tensor, many tiny ones, or a mix of both keep every core busy; each thread then
-// streams through its group in address order. Small problems (under kMinParallelElements in
+// Work list. Lay all tensors end to end, each padded to a multiple of kAlign elements, and cut
+// that line every kChunk elements: each cut is one work item, the chunks (tensor, begin, end) that
+// fall inside it, i.e. a slice of one large tensor or a run of many small ones. The pool's threads
+// claim items in order through one atomic counter until none is left, so that one huge tensor,
+// many tiny ones or a mix of both keep every core busy with items of equal size, and a thread
+// that the OS preempts (on a shared machine) delays only the item it holds: the others take over
+// the rest. Padding keeps every cut inside a tensor at a multiple of the SIMD block, so only a
+// tensor's last elements take the scalar path. Small problems (under kMinParallelElements in
 // all) run on the calling thread: waking the pool costs more than it saves there.
 //
 // Element-wise pass. A kernel names N streams per tensor (parameter, gradients, state), each with
@@ -22,6 +25,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <vector>
 
@@ -30,53 +34,66 @@
 
 namespace gerne::cpu {
 
-// A multiple of every storage type's block (16 or 32 elements), so that only a tensor's last
-// chunk has a scalar tail. 64 Ki elements keeps the per-chunk overhead negligible while the
-// largest imbalance between threads stays under one chunk.
+// kAlign is a multiple of every storage type's SIMD block (16 or 32 elements) and kChunk a
+// multiple of kAlign. 64 Ki elements (256 KiB of each float32 stream) keep the per-item cost (one
+// atomic increment) negligible and the streams long enough for the hardware prefetchers.
+constexpr int64_t kAlign = 64;
 constexpr int64_t kChunk = int64_t{1} << 16;
-constexpr int64_t kChunkOverhead = 256;  // cost of one chunk beyond its elements, in elements
 constexpr int64_t kMinParallelElements = int64_t{1} << 15;
+static_assert(kChunk % kAlign == 0, "cuts must fall on block boundaries");
 
 struct Chunk {
   int64_t tensor, begin, end;
 };
 
-inline std::vector<Chunk> chunk_work_list(const std::vector<int64_t>& numels) {
+struct WorkList {
   std::vector<Chunk> chunks;
+  std::vector<int64_t> item_begin;  // item i is chunks[item_begin[i], item_begin[i + 1])
+  int64_t items() const { return static_cast<int64_t>(item_begin.size()) - 1; }
+};
+
+inline WorkList make_work_list(const std::vector<int64_t>& numels) {
+  WorkList work;
+  int64_t position = 0;  // on the padded line
+  int64_t current_item = -1;
   for (int64_t t = 0; t < static_cast<int64_t>(numels.size()); ++t) {
-    for (int64_t begin = 0; begin < numels[t]; begin += kChunk) {
-      chunks.push_back({t, begin, std::min(numels[t], begin + kChunk)});
+    for (int64_t begin = 0; begin < numels[t];) {
+      const int64_t item = position / kChunk;
+      const int64_t end = std::min(numels[t], begin + (item + 1) * kChunk - position);
+      if (item != current_item) {
+        work.item_begin.push_back(static_cast<int64_t>(work.chunks.size()));
+        current_item = item;
+      }
+      work.chunks.push_back({t, begin, end});
+      position += end - begin;
+      begin = end;
     }
+    position = (position + kAlign - 1) / kAlign * kAlign;
   }
-  return chunks;
+  work.item_begin.push_back(static_cast<int64_t>(work.chunks.size()));
+  return work;
 }
 
 // Calls fn(chunk) for every chunk of every tensor, in parallel; see the file comment.
 template <typename Fn>
 void for_each_chunk(const std::vector<int64_t>& numels, const Fn& fn) {
-  const std::vector<Chunk> chunks = chunk_work_list(numels);
-  const int64_t n = static_cast<int64_t>(chunks.size());
-  if (n == 0) return;
+  const WorkList work = make_work_list(numels);
+  const int64_t items = work.items();
+  auto run_item = [&](int64_t i) {
+    for (int64_t c = work.item_begin[i]; c < work.item_begin[i + 1]; ++c) fn(work.chunks[c]);
+  };
   int64_t total = 0;
   for (int64_t numel : numels) total += numel;
-  const int64_t groups = std::min<int64_t>(at::get_num_threads(), n);
-  if (total < kMinParallelElements || groups <= 1 || at::in_parallel_region()) {
-    for (const Chunk& c : chunks) fn(c);
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), items);
+  if (total < kMinParallelElements || workers <= 1 || at::in_parallel_region()) {
+    for (int64_t i = 0; i < items; ++i) run_item(i);
     return;
   }
-  // first[g] = the first chunk of group g: the chunk where the running cost crosses g / groups
-  // of the total cost.
-  std::vector<int64_t> first(groups + 1, n);
-  const int64_t total_cost = total + n * kChunkOverhead;
-  int64_t cost = 0;
-  int64_t g = 0;
-  for (int64_t i = 0; i < n && g < groups; ++i) {
-    while (g < groups && cost >= (total_cost * g) / groups) first[g++] = i;
-    cost += chunks[i].end - chunks[i].begin + kChunkOverhead;
-  }
-  at::parallel_for(0, groups, 1, [&](int64_t group_begin, int64_t group_end) {
-    for (int64_t group = group_begin; group < group_end; ++group) {
-      for (int64_t i = first[group]; i < first[group + 1]; ++i) fn(chunks[i]);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < items;
+         i = next.fetch_add(1, std::memory_order_relaxed)) {
+      run_item(i);
     }
   });
 }
@@ -94,6 +111,7 @@ template <typename scalar_t, int N, typename Op>
 void apply_elementwise(const Streams<scalar_t, N>& s, int64_t begin, int64_t end, const Op& op) {
   using IO = FloatIO<scalar_t>;
   constexpr int K = IO::kVecs;
+  static_assert(kAlign % IO::kBlock == 0, "work-list cuts must fall on block boundaries");
   int64_t i = begin;
   for (; i + IO::kBlock <= end; i += IO::kBlock) {
     FVec v[N][K];
