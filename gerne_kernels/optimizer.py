@@ -381,7 +381,8 @@ class GERNE(Optimizer):
                         f"{p.device}) has shape {tuple(g.shape)} ({g.dtype}, {g.device}); "
                         "gradients must match their parameter's shape, dtype and device")
             if torch.is_complex(p):
-                raise TypeError("GERNE does not support complex parameters; store them as "
+                raise TypeError(f"a parameter of shape {tuple(p.shape)} is complex ({p.dtype}); "
+                                "GERNE does not support complex parameters: store them as "
                                 "real pairs with torch.view_as_real")
             if not p.is_contiguous():
                 raise ValueError(f"GERNE's fused step needs contiguous parameters; a parameter "
