@@ -9,6 +9,10 @@ from ._backends import available_backends
 from .optimizer import GERNE
 from .statistics import GradientStatistics
 from .wrapper import GERNEWrapper
+from .sampler import TwoBatchSampler
+from .bounds import BetaBounds, beta_bounds
+from .pseudo_groups import pseudo_attributes, train_biased_model
+from . import metrics, datasets
 
 __version__ = "0.1.0"
 

@@ -29,6 +29,19 @@ def test_train_split_has_the_minority_ratio(minority):
     assert np.all(off.max(axis=1) - off.min(axis=1) <= 1)  # spread evenly
 
 
+def test_no_digit_in_both_its_class_color_and_another():
+    d = colored_mnist("train", 0.05, size=7)
+    gray = d.x.amax(dim=1) / COLORS[d.a].amax(dim=1)[:, None, None]
+    for k in range(10):
+        conflicting = gray[(d.y == k) & (d.a != k)].flatten(1)
+        aligned = torch.unique(gray[(d.y == k) & (d.a == k)].flatten(1), dim=0)
+        assert len(conflicting) == 50
+        dist = torch.cdist(conflicting.double(), aligned.double(), p=1)
+        assert dist.min() > 1e-3
+    # within the conflicting samples images repeat only when the reserve is exhausted
+    assert torch.unique(conflicting, dim=0).shape[0] == 50
+
+
 def test_random_assignment_is_binomial():
     d = colored_mnist("train", 0.05, size=7, assignment="random", n_per_class=2000)
     share = float((d.a != d.y).float().mean())

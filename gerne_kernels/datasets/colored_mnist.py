@@ -15,9 +15,11 @@ into 70 % train, 10 % validation and 20 % test, so the splits never share a digi
 
 Training set size: the train split has ``n_per_class`` samples per class (by default
 enough that every minority group gets a sample: ``max(1000, ceil(9 / minority))``),
-cycling through the class's train images, each use with its own color. So one digit
-image can appear in several colors, an augmentation the real benchmark (60,000
-distinct digits) does not need.
+cycling through the class's train images, so a digit image is used several times (the
+real benchmark has 60,000 distinct digits). The bias-conflicting samples take their
+images from a reserved share of the class's images that the bias-aligned samples never
+use: no digit appears both in its class color and in another color, so memorising a
+digit cannot reveal its class to a color-biased model.
 
 ``assignment="exact"`` (default) paints exactly ``round(minority * n_per_class)``
 samples of each class in other colors, spread as evenly as possible over the nine
@@ -116,6 +118,31 @@ def _colors_for_class(y: int, n: int, minority: float, assignment: str,
     return colors
 
 
+def _cycle(images: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
+    """n picks cycling through ``images`` in fresh random orders (each used n/len +- 1 times)."""
+    if n == 0:
+        return images[:0]
+    reps = math.ceil(n / images.numel())
+    return torch.cat([images[torch.randperm(images.numel(), generator=g)]
+                      for _ in range(reps)])[:n]
+
+
+def _images_for_class(images: torch.Tensor, conflicting: torch.Tensor,
+                      g: torch.Generator) -> torch.Tensor:
+    """Digit image of each sample of a class. Bias-conflicting samples take their images
+    from a reserved share of the class's images (at most half) that the bias-aligned
+    samples never use, so no digit appears both in its class color and in another."""
+    m = int(conflicting.sum())
+    images = images[torch.randperm(images.numel(), generator=g)]
+    n_reserved = min(m, images.numel() // 2)
+    if m and not n_reserved:  # a single image: nothing to reserve, share it
+        return _cycle(images, conflicting.numel(), g)
+    out = torch.empty(conflicting.numel(), dtype=torch.long)
+    out[conflicting] = _cycle(images[:n_reserved], m, g)
+    out[~conflicting] = _cycle(images[n_reserved:], conflicting.numel() - m, g)
+    return out
+
+
 def colored_mnist(split: str = "train", minority: float = 0.01, *, source: str = "mnist",
                   size: Optional[int] = 14, n_per_class: Optional[int] = None, seed: int = 0,
                   assignment: str = "exact", color_noise: float = 0.0,
@@ -156,12 +183,9 @@ def colored_mnist(split: str = "train", minority: float = 0.01, *, source: str =
             n = int(n_per_class)
             if n < 1:
                 raise ValueError(f"n_per_class must be >= 1, got {n_per_class}")
-        # cycle through the images of the class in a random order, each image used
-        # floor or ceil of n / n_images times
-        reps = math.ceil(n / idx.numel())
-        cyc = torch.cat([idx[torch.randperm(idx.numel(), generator=g)] for _ in range(reps)])[:n]
-        img_idx.append(cyc)
-        cols.append(_colors_for_class(y, n, float(minority), assignment, g))
+        colors = _colors_for_class(y, n, float(minority), assignment, g)
+        img_idx.append(_images_for_class(idx, colors != y, g))
+        cols.append(colors)
         ys.append(torch.full((n,), y, dtype=torch.long))
     img_idx, y, a = torch.cat(img_idx), torch.cat(ys), torch.cat(cols)
     gray = _resize(imgs, size)[img_idx]  # (N, S, S)
