@@ -248,9 +248,12 @@ def run_demo(args, progress_bar=None) -> dict:
                 progress_bar.set_description(f"sweep beta={b:.2f}")
             r = run.train_gerne(0, run.train.a, args.c, float(b), known_bounds)
             sweep.append({"beta": float(b), "gba": r["gba"], "wga": r["wga"]})
+    import gerne_kernels
+
     return {
         "config": {k: v for k, v in vars(args).items()},
         "device": str(device),
+        "backends_available": list(gerne_kernels.available_backends()),
         "beta_known": beta,
         "beta_bounds_known": {"low": known_bounds.low, "high": known_bounds.high,
                               "source": known_bounds.source},
@@ -282,6 +285,9 @@ def format_table(result: dict) -> str:
     b = result["beta_bounds_known"]
     lines.append(f"beta bounds (known attributes): [{b['low']:.4g}, {b['high']:.4g}] "
                  f"({b['source']})")
+    if "backends_available" in result:
+        lines.append(f"GERNE backend: {cfg.get('backend', 'auto')} on {result.get('device')} "
+                     f"(available: {', '.join(result['backends_available'])})")
     return "\n".join(lines)
 
 

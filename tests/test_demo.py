@@ -15,7 +15,7 @@ def test_tiny_demo_writes_table_json_and_png(tmp_path, capsys):
     for label in ("ERM", "Group resampling (c=1, beta=0)", "GERNE known attr. (c=0.5, beta=1)",
                   "GERNE unknown attr. (t=0.02"):
         assert label in text
-    assert "GBA" in text and "WGA" in text and "beta bounds" in text
+    assert "GBA" in text and "WGA" in text and "beta bounds" in text and "GERNE backend" in text
     png = out / "demo.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     result = json.loads((out / "demo.json").read_text())
