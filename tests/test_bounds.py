@@ -126,3 +126,15 @@ def test_rejects_bad_inputs():
         beta_bounds(counts=np.array([[1, 1], [0, 0]]), c=0.5)
     with pytest.raises(ValueError, match=r"\(K x A\)"):
         beta_bounds(counts=np.ones(3), c=0.5)
+
+
+def test_gerne_refuses_beta_outside_and_names_the_source():
+    import gerne_kernels as gk
+
+    bounds = gk.beta_bounds(counts=cmnist_counts(0.005), c=0.5)
+    params = torch.nn.Linear(2, 2).parameters()
+    gk.GERNE(params, optimizer="sgd", lr=0.1, beta=1.2, beta_bounds=bounds)
+    with pytest.raises(ValueError) as info:
+        gk.GERNE(torch.nn.Linear(2, 2).parameters(), optimizer="sgd", lr=0.1, beta=1.25,
+                 beta_bounds=bounds)
+    assert "1.223" in str(info.value) and bounds.source in str(info.value)
