@@ -6,9 +6,13 @@
 namespace gerne::cpu {
 
 // True when every element of every tensor in both lists is finite (neither inf nor NaN).
-// One parallel, vectorized read of each tensor; stops early once a non-finite value is seen.
-// All tensors must be contiguous, on the CPU, of one fused dtype (the op's checks ensure it).
-bool all_finite(at::TensorList first, at::TensorList second);
+// grads_b[i] and grads_lb[i] must have the same shape, and all tensors be contiguous, on the CPU
+// and of one fused dtype (the ops' checks ensure it). One parallel, vectorized read of each
+// tensor that stops early once a non-finite value is seen. It reads grads_b[i] and grads_lb[i]
+// side by side (two streams keep more memory requests in flight than one) and walks the tensors
+// from the last to the first, so that the update pass after it, which starts at the first,
+// begins with the gradients the scan read last: those still in the cache are not read again.
+bool all_finite(at::TensorList grads_b, at::TensorList grads_lb);
 
 // The ops' skip rule, checked before anything is written: true (change nothing) when found_inf
 // is non-zero on entry, or when check_finite finds an inf/NaN in grads_b or grads_lb, in which

@@ -74,12 +74,17 @@ inline WorkList make_work_list(const std::vector<int64_t>& numels) {
   return work;
 }
 
+// The order in which items are claimed; see all_finite for why a pass may want the reverse.
+enum class ItemOrder { kForward, kReverse };
+
 // Calls fn(chunk) for every chunk of every tensor, in parallel; see the file comment.
 template <typename Fn>
-void for_each_chunk(const std::vector<int64_t>& numels, const Fn& fn) {
+void for_each_chunk(const std::vector<int64_t>& numels, const Fn& fn,
+                    ItemOrder order = ItemOrder::kForward) {
   const WorkList work = make_work_list(numels);
   const int64_t items = work.items();
-  auto run_item = [&](int64_t i) {
+  auto run_item = [&](int64_t claimed) {
+    const int64_t i = order == ItemOrder::kForward ? claimed : items - 1 - claimed;
     for (int64_t c = work.item_begin[i]; c < work.item_begin[i + 1]; ++c) fn(work.chunks[c]);
   };
   int64_t total = 0;
