@@ -16,4 +16,6 @@ from . import metrics, datasets
 
 __version__ = "0.1.0"
 
-__all__ = ["GERNE", "GERNEWrapper", "GradientStatistics", "available_backends"]
+__all__ = ["GERNE", "GERNEWrapper", "GradientStatistics", "available_backends",
+           "TwoBatchSampler", "BetaBounds", "beta_bounds", "pseudo_attributes",
+           "train_biased_model", "metrics", "datasets"]
