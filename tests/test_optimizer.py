@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import gerne_kernels as gk
+import gerne_testing
+from gerne_testing import assert_same
 
 SGD_CASES = [
     dict(lr=0.1),
@@ -173,20 +175,7 @@ def test_loads_a_torch_optim_checkpoint():
 
 
 def snapshot(model, opt):
-    return copy.deepcopy(([p.detach() for p in model.parameters()],
-                          {k: v for k, v in opt.state_dict()["state"].items()}))
-
-
-def assert_same(a, b):
-    params_a, state_a = a
-    params_b, state_b = b
-    for p, q in zip(params_a, params_b):
-        assert torch.equal(p, q)
-    assert state_a.keys() == state_b.keys()
-    for k in state_a:
-        assert state_a[k].keys() == state_b[k].keys()
-        for key in state_a[k]:
-            assert torch.equal(state_a[k][key], state_b[k][key]), key
+    return gerne_testing.snapshot(model, dict(opt.state_dict()["state"]))
 
 
 @pytest.mark.parametrize("kind,hyper", [("sgd", dict(lr=0.1, momentum=0.9)),
