@@ -24,13 +24,15 @@ The floor. Bytes that must move per float32 parameter in one step (read once, wr
   SGD momentum: read p, g_b, g_lb, buf (16 B), write p, buf (8 B)             = 24 B
   AdamW:        read p, g_b, g_lb, m, v (20 B), write p, m, v (12 B)           = 32 B
 (torch_fused moves 12 B more for its lerp pass: read g_b, g_lb, write g_b; fused_checked 8 B more
-for its scan.) The floor time is those bytes divided by the bandwidth of a STREAM-like in-place
-add (a += b: read 8 B, write 4 B per element, over arrays four times the last-level cache), the
-read-modify-write pattern of an optimizer step, which pays no write-allocate traffic; it runs with
-the same threads, interleaved with the variants at every point, so it sees the same conditions.
-A triad (a = b + s c) and a copy are measured once at the start for context. GB/s below is the
-floor's bytes over the measured time, so that variants compare on the same work; "floor" is
-floor time / measured time (above 100% where the problem fits in the caches).
+for its scan.) The floor time is those bytes divided by the memory bandwidth, measured in the
+same run with the same threads as the best of three STREAM-like in-place torch kernels over
+arrays four times the last-level cache: a += b (add_), a += w (b - a) (lerp_) and a += s b c
+(addcmul_). In-place kernels have the read-modify-write pattern of an optimizer step (no
+write-allocate traffic); more concurrent streams reach a higher bandwidth on this machine, hence
+the best of three. They take turns with the variants at every point, so they see the same
+conditions. A triad (a = b + s c) and a copy are measured once at the start, for context. GB/s
+below is the floor's bytes over the measured time, so that variants compare on the same work;
+"floor" is floor time / measured time (above 100% where the problem fits in the caches).
 
 Timing: every variant runs on its own copy of the tensors; warm-up runs first, then the variants
 take turns (interleaved) for --repeats rounds, each round timing enough calls to last a few
@@ -178,29 +180,35 @@ def time_interleaved(fns, repeats, warmup=2):
 
 
 class Bandwidth:
-    """Effective memory bandwidth (GB/s) of STREAM-like kernels over arrays of 4 * numel bytes,
-    four times a 32 MiB last-level cache at the default size."""
+    """Effective memory bandwidth (GB/s) of STREAM-like torch kernels over float32 arrays of
+    `numel` elements (the default, 2^25, is four times a 32 MiB last-level cache)."""
 
     def __init__(self, numel=1 << 25):
         self.numel = numel
-        self.a, self.b, self.c = torch.randn(numel), torch.randn(numel), torch.randn(numel)
-        self.kernels = {
-            "add_inplace (a += b; 12 B/elem)": (lambda: self.a.add_(self.b), 12),
-            "triad (a = b + s*c; 12 B/elem)": (lambda: torch.add(self.b, self.c, alpha=0.5,
-                                                                 out=self.a), 12),
-            "copy (a = b; 8 B/elem)": (lambda: self.a.copy_(self.b), 8),
+        a, b, c = torch.randn(numel), torch.randn(numel), torch.randn(numel)
+        # (kernel, bytes per element). The read-modify-write kernels have the access pattern of
+        # an optimizer step (state read and written in place, no write-allocate traffic) and are
+        # timed beside the variants at every point; the others only once, for context.
+        self.rmw = {
+            "add_ (a += b; 12 B/elem)": (lambda: a.add_(b), 12),
+            "lerp_ (a += w (b - a); 12 B/elem)": (lambda: a.lerp_(b, 0.5), 12),
+            "addcmul_ (a += s b c; 16 B/elem)": (lambda: a.addcmul_(b, c, value=1e-3), 16),
         }
-        # Timed beside the variants at every point, so that the floor sees the same conditions.
-        self.rmw_name = "add_inplace (a += b; 12 B/elem)"
-        self.rmw_step = self.kernels[self.rmw_name][0]
+        self.other = {
+            "triad (a = b + s c; 12 B/elem)": (lambda: torch.add(b, c, alpha=0.5, out=a), 12),
+            "copy_ (a = b; 8 B/elem)": (lambda: a.copy_(b), 8),
+        }
 
-    def gbps(self, name, seconds):
-        return self.kernels[name][1] * self.numel / seconds / 1e9
+    def gbps(self, samples):
+        """{kernel: GB/s} from {kernel: [seconds per call in each round]} (median)."""
+        kernels = {**self.rmw, **self.other}
+        return {name: kernels[name][1] * self.numel / statistics.median(values) / 1e9
+                for name, values in samples.items() if name in kernels}
 
     def measure_all(self, repeats):
-        samples = time_interleaved({name: fn for name, (fn, _) in self.kernels.items()}, repeats)
-        return {name: self.gbps(name, statistics.median(values))
-                for name, values in samples.items()}
+        kernels = {**self.rmw, **self.other}
+        return self.gbps(time_interleaved({name: fn for name, (fn, _) in kernels.items()},
+                                          repeats))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -210,8 +218,9 @@ class Bandwidth:
 def run_point(optimizer, numel, tensors, variants, repeats, bandwidth):
     """Times the variants and the bandwidth kernel in interleaved rounds; one row per variant."""
     steps = {variant: make_step(optimizer, variant, numel, tensors) for variant in variants}
-    samples = time_interleaved({**steps, "bandwidth": bandwidth.rmw_step}, repeats)
-    gbps = bandwidth.gbps(bandwidth.rmw_name, statistics.median(samples.pop("bandwidth")))
+    rmw = {name: fn for name, (fn, _) in bandwidth.rmw.items()}
+    samples = time_interleaved({**steps, **rmw}, repeats)
+    gbps = max(bandwidth.gbps({name: samples.pop(name) for name in rmw}).values())
     seconds = {variant: statistics.median(values) for variant, values in samples.items()}
     floor_bytes = BYTES_PER_PARAM[optimizer] * numel
     floor_seconds = floor_bytes / (gbps * 1e9)
@@ -249,9 +258,9 @@ def format_row(row):
 
 HEADER = (f"{'optim':6} {'variant':14} {'params':>10} {'tensors':>7} {'ms/step':>10} "
           f"{'ms(min)':>9} {'GB/s':>7} {'bw GB/s':>7} {'floor':>7} {'vs torch':>9}\n"
-          "(ms/step: median of rounds; GB/s: the floor's bytes / ms/step; bw: in-place add "
-          "timed in the same rounds; floor: floor time / ms/step, over 100% when the problem "
-          "fits in cache)")
+          "(ms/step: median of rounds; GB/s: the floor's bytes / ms/step; bw: the best in-place "
+          "kernel timed in the same rounds; floor: floor time / ms/step, over 100% when the "
+          "problem fits in cache)")
 
 
 def plot(results, path):
@@ -342,11 +351,12 @@ def main(argv=None):
     print(f"machine: {results['machine']}, {results['threads']} threads, torch {torch.__version__}")
     for name, gbps in bandwidths.items():
         print(f"bandwidth {name}: {gbps:.2f} GB/s")
-    print("the floor uses the in-place add (the read-modify-write pattern of a step), timed "
-          "again at every point; bytes that must move per float32 parameter: SGD momentum "
+    print("the floor's bandwidth is the best in-place kernel (add_, lerp_, addcmul_: the "
+          "read-modify-write pattern of a step), timed again at every point; bytes that must "
+          "move per float32 parameter: SGD momentum "
           f"{BYTES_PER_PARAM['sgd']} (read p, g_b, g_lb, buf; write p, buf), AdamW "
           f"{BYTES_PER_PARAM['adamw']} (read p, g_b, g_lb, m, v; write p, m, v)")
-    if load_start[0] > 0.5 * (os.cpu_count() or 1):
+    if load_start[0] > (os.cpu_count() or 1):
         print(f"WARNING: load average {load_start[0]:.1f} on {os.cpu_count()} CPUs: other "
               "processes compete for the cores and memory bus; timings are noisy")
 
