@@ -13,6 +13,12 @@ momentum or AdamW to the float32 parameters. The variants:
                  writes g into g_b (lerp(g_b, g_lb, w) = g_b + w (g_lb - g_b)
                  = (1 + beta) g_lb - beta g_b), then torch.optim.SGD / AdamW(fused=True) steps
                  with grad = g_b. Two passes over memory.
+  torch_fused_checked
+                 the same with GERNE's guarantee that an inf/NaN in either gradient changes
+                 nothing, as torch offers it: GradScaler's check
+                 (torch._amp_foreach_non_finite_check_and_unscale_, reads and rewrites each
+                 gradient: 16 B) over g_b and g_lb, then the lerp, then the fused optimizer with
+                 found_inf set. The fair baseline for fused_checked and gerne_step.
   fused          gerne_kernels' C++ op (sgd_step_ / adam_step_) called directly with
                  check_finite=False: one pass.
   fused_checked  the same op with check_finite=True, as GERNE calls it by default: it first
@@ -23,8 +29,8 @@ momentum or AdamW to the float32 parameters. The variants:
 The floor. Bytes that must move per float32 parameter in one step (read once, written once):
   SGD momentum: read p, g_b, g_lb, buf (16 B), write p, buf (8 B)             = 24 B
   AdamW:        read p, g_b, g_lb, m, v (20 B), write p, m, v (12 B)           = 32 B
-(torch_fused moves 12 B more for its lerp pass: read g_b, g_lb, write g_b; fused_checked 8 B more
-for its scan.) The floor time is those bytes divided by the memory bandwidth, measured in the
+(torch_fused moves 12 B more for its lerp pass: read g_b, g_lb, write g_b; torch_fused_checked
+16 B more again for its check; fused_checked 8 B more for its scan.) The floor time is those bytes divided by the memory bandwidth, measured in the
 same run with the same threads as the best of three STREAM-like in-place torch kernels over
 arrays four times the last-level cache: a += b (add_), a += w (b - a) (lerp_) and a += s b c
 (addcmul_). In-place kernels have the read-modify-write pattern of an optimizer step (no
@@ -64,9 +70,10 @@ LR = 1e-3
 MOMENTUM = 0.9
 WEIGHT_DECAY = 1e-2
 BYTES_PER_PARAM = {"sgd": 24, "adamw": 32}
-EXTRA_BYTES = {"reference": None, "torch_fused": 12, "fused": 0, "fused_checked": 8,
-               "gerne_step": 8}
-VARIANTS = ("reference", "torch_fused", "fused", "fused_checked", "gerne_step")
+EXTRA_BYTES = {"reference": None, "torch_fused": 12, "torch_fused_checked": 28, "fused": 0,
+               "fused_checked": 8, "gerne_step": 8}
+VARIANTS = ("reference", "torch_fused", "torch_fused_checked", "fused", "fused_checked",
+            "gerne_step")
 OPTIMIZERS = ("sgd", "adamw")
 MIN_SAMPLE_SECONDS = 0.004
 
@@ -121,7 +128,7 @@ def make_step(optimizer, variant, numel, tensors):
                           check_finite=check, **scale_args())
         return step
     leaves = [torch.nn.Parameter(p) for p in params]
-    if variant == "torch_fused":
+    if variant in ("torch_fused", "torch_fused_checked"):
         if optimizer == "sgd":
             opt = torch.optim.SGD(leaves, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
                                   fused=True)
@@ -130,9 +137,20 @@ def make_step(optimizer, variant, numel, tensors):
         for p, g_b in zip(leaves, grads_b):
             p.grad = g_b
 
-        def step():
-            torch._foreach_lerp_(grads_b, grads_lb, 1.0 + BETA)  # g_b <- g, in place
-            opt.step()
+        if variant == "torch_fused":
+            def step():
+                torch._foreach_lerp_(grads_b, grads_lb, 1.0 + BETA)  # g_b <- g, in place
+                opt.step()
+        else:
+            one = torch.ones(())
+            opt.found_inf = found_inf  # torch's fused optimizers skip the update when set
+
+            def step():
+                found_inf.zero_()
+                torch._amp_foreach_non_finite_check_and_unscale_(grads_b, found_inf, one)
+                torch._amp_foreach_non_finite_check_and_unscale_(grads_lb, found_inf, one)
+                torch._foreach_lerp_(grads_b, grads_lb, 1.0 + BETA)
+                opt.step()
     elif variant == "gerne_step":
         hyper = (dict(momentum=MOMENTUM) if optimizer == "sgd" else {})
         opt = gk.GERNE(leaves, optimizer=optimizer, lr=LR, weight_decay=WEIGHT_DECAY, beta=BETA,
@@ -233,6 +251,9 @@ def run_point(optimizer, numel, tensors, variants, repeats, bandwidth):
                    floor_fraction=floor_seconds / seconds[variant])
         if "torch_fused" in seconds:
             row["speedup_vs_torch_fused"] = seconds["torch_fused"] / seconds[variant]
+        if "torch_fused_checked" in seconds:
+            row["speedup_vs_torch_fused_checked"] = (seconds["torch_fused_checked"]
+                                                     / seconds[variant])
         rows.append(row)
     return rows
 
@@ -250,14 +271,17 @@ def machine_name():
 
 def format_row(row):
     speedup = row.get("speedup_vs_torch_fused")
-    return (f"{row['optimizer']:6} {row['variant']:14} {row['numel']:>10} {row['tensors']:>7} "
+    checked = row.get("speedup_vs_torch_fused_checked")
+    return (f"{row['optimizer']:6} {row['variant']:19} {row['numel']:>10} {row['tensors']:>7} "
             f"{row['ms']:10.3f} {row['ms_min']:9.3f} {row['gbps']:7.2f} "
             f"{row['bandwidth_gbps']:7.2f} {100 * row['floor_fraction']:6.1f}% "
-            f"{'' if speedup is None else f'{speedup:8.2f}x'}")
+            f"{'' if speedup is None else f'{speedup:8.2f}x'}"
+            f"{'' if checked is None else f'{checked:11.2f}x'}")
 
 
-HEADER = (f"{'optim':6} {'variant':14} {'params':>10} {'tensors':>7} {'ms/step':>10} "
-          f"{'ms(min)':>9} {'GB/s':>7} {'bw GB/s':>7} {'floor':>7} {'vs torch':>9}\n"
+HEADER = (f"{'optim':6} {'variant':19} {'params':>10} {'tensors':>7} {'ms/step':>10} "
+          f"{'ms(min)':>9} {'GB/s':>7} {'bw GB/s':>7} {'floor':>7} {'vs torch':>9} "
+          f"{'vs checked':>11}\n"
           "(ms/step: median of rounds; GB/s: the floor's bytes / ms/step; bw: the best in-place "
           "kernel timed in the same rounds; floor: floor time / ms/step, over 100% when the "
           "problem fits in cache)")
