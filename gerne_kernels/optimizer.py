@@ -564,10 +564,14 @@ class GERNE(Optimizer):
         state_dict = dict(state_dict)
         extra = state_dict.pop("gerne", {})  # absent in checkpoints of torch.optim optimizers
         super().load_state_dict(state_dict)
+        self._restore_two_batch_state(extra, any(
+            "grad_b" in self.state[p] for p in self._params() if p in self.state))
+
+    def _restore_two_batch_state(self, extra, has_stashed_grads):
+        """The skip count and the pending-stash marker of a checkpoint's "gerne" entry."""
         self._skipped = {}
         skipped = extra.get("skipped_steps", 0)
         if skipped:
             self._skipped[torch.device("cpu")] = torch.tensor(float(skipped))
-        stashed = extra.get("stashed", False) or any(
-            "grad_b" in self.state[p] for p in self._params() if p in self.state)
+        stashed = extra.get("stashed", False) or has_stashed_grads
         self._stash_signature = tuple(id(p) for p in self._params()) if stashed else None

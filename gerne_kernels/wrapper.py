@@ -132,9 +132,5 @@ class GERNEWrapper(GERNE):
         for index, grad_b in state_dict.get("grad_b", {}).items():
             p = params[int(index)]
             self.state[p]["grad_b"] = grad_b.to(device=p.device, dtype=p.dtype)
-        extra = state_dict.get("gerne", {})
-        self._skipped = {}
-        if extra.get("skipped_steps", 0):
-            self._skipped[torch.device("cpu")] = torch.tensor(float(extra["skipped_steps"]))
-        if extra.get("stashed", False) or state_dict.get("grad_b"):
-            self._stash_signature = tuple(id(p) for p in params)
+        self._restore_two_batch_state(state_dict.get("gerne", {}),
+                                      bool(state_dict.get("grad_b")))
