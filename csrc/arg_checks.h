@@ -92,4 +92,24 @@ inline void check_step_counters(const char* op, at::TensorList state_steps,
   }
 }
 
+// A scalar of the ops' .tensor overloads (lr, scale_b, scale_lb): a one-element float32 or
+// float64 tensor, on `device` (read there by the kernel) or on the CPU (read by the host).
+inline void check_scalar_tensor(const char* op, const char* name, const at::Tensor& t,
+                                const at::Device& device) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
+  const bool dtype_ok = t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble;
+  TORCH_CHECK(t.numel() == 1 && dtype_ok && (t.device() == device || t.is_cpu()), op, ": ",
+              name, " must be a one-element float32 or float64 tensor on ", device,
+              " (or on the CPU), got ", t.scalar_type(), " of shape ", t.sizes(), " on ",
+              t.device(), "; pass torch.tensor(value, dtype=torch.float64, device=",
+              "params[0].device), or a float to the default overload");
+}
+
+// The value of a .tensor overload's scalar that lies on the CPU (no device read).
+inline double host_scalar(const char* op, const char* name, const at::Tensor& t) {
+  check_scalar_tensor(op, name, t, at::kCPU);
+  TORCH_CHECK(t.is_cpu(), op, ": ", name, " is on ", t.device(), "; expected a CPU tensor");
+  return t.item<double>();
+}
+
 }  // namespace gerne

@@ -82,6 +82,12 @@ struct AdamHyper {
   float step_size, bias_correction2_sqrt;
 };
 
+// AdamW's decay factor 1 - lr * weight_decay, in double as torch.optim computes it in Python.
+// Host and device: with lr in device memory (the .tensor overloads) the CUDA kernel computes it.
+GERNE_HD float adamw_decay_factor(double lr, double weight_decay) {
+  return static_cast<float>(1.0 - lr * weight_decay);
+}
+
 // The op's arguments as an AdamHyper (host side; shared by the CPU and CUDA kernels). The
 // per-tensor fields are left for set_bias_corrections.
 inline AdamHyper make_adam_hyper(double lr, double beta1, double beta2, double eps,
@@ -89,7 +95,7 @@ inline AdamHyper make_adam_hyper(double lr, double beta1, double beta2, double e
                                  bool decoupled_weight_decay) {
   return AdamHyper{static_cast<float>(1.0 - beta1), static_cast<float>(beta2),
                    static_cast<float>(1.0 - beta2), static_cast<float>(eps),
-                   static_cast<float>(weight_decay), static_cast<float>(1.0 - lr * weight_decay),
+                   static_cast<float>(weight_decay), adamw_decay_factor(lr, weight_decay),
                    amsgrad, maximize, decoupled_weight_decay, 0.0f, 0.0f};
 }
 

@@ -35,9 +35,11 @@ def driven_by_scaler(opt):
 
 
 def inverse_scales(opt, has_stash):
-    """(inv_scale_b, inv_scale_lb): the factors that unscale the stash and .grad."""
+    """(inv_scale_b, inv_scale_lb): the factors that unscale the stash and .grad; 1.0 without
+    a loss scale, else 1 / S as a float64 0-d tensor on the scaler's device (never read on the
+    host: the ops take it through their .tensor overloads)."""
     grad_scale = getattr(opt, "grad_scale", None)
-    inv_scale_lb = 1.0 if grad_scale is None else 1.0 / float(grad_scale)  # one host read
+    inv_scale_lb = 1.0 if grad_scale is None else grad_scale.double().reciprocal()
     if not has_stash or not driven_by_scaler(opt):
         return inv_scale_lb, inv_scale_lb
     scaler = opt.grad_scaler
@@ -49,7 +51,8 @@ def inverse_scales(opt, has_stash):
             "grad_scaler=scaler (or set opt.grad_scaler = scaler).")
     if grad_scale is not None:  # .grad and the stash carry the same scale S
         return inv_scale_lb, inv_scale_lb
-    return 1.0 / scaler.get_scale(), inv_scale_lb  # unscale_(opt) already divided .grad by S
+    # unscale_(opt) already divided .grad by S; the stash still carries it.
+    return scaler._get_scale_async().double().reciprocal(), inv_scale_lb
 
 
 def report_found_inf(opt, found_per_device):

@@ -79,10 +79,11 @@ def available_backends():
     return [name for name in BACKENDS[1:] if status(name)[0]]
 
 
-def _fused(name):
+def _fused(name, tensor_scalars):
     prefix = "triton_" if name == "triton" else ""
-    return Implementation(name, _ops.op(prefix + "sgd_step_"), _ops.op(prefix + "adam_step_"),
-                          _ops.op(prefix + "extrapolate_"))
+    overload = "tensor" if tensor_scalars else "default"
+    return Implementation(name, *(_ops.op(prefix + op, overload)
+                                  for op in ("sgd_step_", "adam_step_", "extrapolate_")))
 
 
 def _unavailable_message(name, reason, built):
@@ -103,8 +104,10 @@ def _device_matches(name, device_type):
     return True
 
 
-def implementation(backend, device_type, dtype):
-    """The Implementation that runs ``backend`` for tensors of this device type and dtype.
+def implementation(backend, device_type, dtype, tensor_scalars=False):
+    """The Implementation that runs ``backend`` for tensors of this device type and dtype;
+    with tensor_scalars, its ops take lr, scale_b and scale_lb as tensors (the ``.tensor``
+    overloads; the reference takes either).
 
     An explicitly named backend that cannot run raises with the reason; ``auto`` falls back to
     the reference path and warns once per reason.
@@ -122,13 +125,13 @@ def implementation(backend, device_type, dtype):
         ok, reason, built = status(backend)
         if not ok:
             raise RuntimeError(_unavailable_message(backend, reason, built))
-        return _fused(backend)
+        return _fused(backend, tensor_scalars)
     if dtype not in FUSED_DTYPES:
         return REFERENCE
     for name in AUTO_ORDER.get(device_type, ()):
         ok, reason, built = status(name)
         if ok:
-            return _fused(name)
+            return _fused(name, tensor_scalars)
         if reason and (name, reason) not in _warned:
             _warned.add((name, reason))
             warnings.warn(_unavailable_message(name, reason, built) +

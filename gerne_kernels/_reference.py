@@ -33,6 +33,11 @@ def has_nonfinite(tensors):
     return bool(flags.any())
 
 
+def _host(value):
+    """A float or one-element tensor scalar as a Python float (reads a device tensor)."""
+    return float(value)
+
+
 def _skip(found_inf, check_finite, grads_b, grads_lb):
     if check_finite and has_nonfinite(list(grads_b) + list(grads_lb)):
         found_inf.fill_(1.0)
@@ -49,6 +54,7 @@ def sgd_step_(params, grads_b, grads_lb, momentum_buffers, found_inf, *, lr, mom
               check_finite):
     if _skip(found_inf, check_finite, grads_b, grads_lb):
         return
+    lr, scale_b, scale_lb = _host(lr), _host(scale_b), _host(scale_lb)
     for i, (p, g_b, g_lb) in enumerate(zip(params, grads_b, grads_lb)):
         g = extrapolated_grad(g_b, g_lb, scale_b, scale_lb)
         p32 = _up(p)
@@ -72,6 +78,7 @@ def adam_step_(params, grads_b, grads_lb, exp_avgs, exp_avg_sqs, max_exp_avg_sqs
                decoupled_weight_decay, scale_b, scale_lb, check_finite):
     if _skip(found_inf, check_finite, grads_b, grads_lb):
         return
+    lr, scale_b, scale_lb = _host(lr), _host(scale_b), _host(scale_lb)
     for i, (p, g_b, g_lb) in enumerate(zip(params, grads_b, grads_lb)):
         g = extrapolated_grad(g_b, g_lb, scale_b, scale_lb)
         p32, m, v = _up(p), _up(exp_avgs[i]), _up(exp_avg_sqs[i])
@@ -101,5 +108,6 @@ def adam_step_(params, grads_b, grads_lb, exp_avgs, exp_avg_sqs, max_exp_avg_sqs
 def extrapolate_(out, grads_b, grads_lb, found_inf, *, scale_b, scale_lb, check_finite):
     if _skip(found_inf, check_finite, grads_b, grads_lb):
         return
+    scale_b, scale_lb = _host(scale_b), _host(scale_lb)
     for o, g_b, g_lb in zip(out, grads_b, grads_lb):
         o.copy_(extrapolated_grad(g_b, g_lb, scale_b, scale_lb))

@@ -27,7 +27,7 @@ from collections import defaultdict
 import torch
 from torch.optim import Optimizer
 
-from . import _amp, _backends
+from . import _amp, _backends, _scalars
 from .statistics import StatisticsAccumulator
 
 _HYPERPARAMETERS = {
@@ -40,9 +40,12 @@ _HYPERPARAMETERS = {
 }
 
 
-def _real(name, value, where):
-    """value as a float; a TypeError naming the hyperparameter if it is not a real number."""
+def _real(name, value, where, read_device=True):
+    """value as a float; a TypeError naming the hyperparameter if it is not a real number.
+    A one-element tensor on an accelerator gives None unless read_device (a host sync)."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        if value.device.type != "cpu" and not read_device:
+            return None
         return float(value)
     if isinstance(value, numbers.Real):  # int, float, bool, numpy scalars
         return float(value)
@@ -50,8 +53,13 @@ def _real(name, value, where):
                     f"got {value!r}")
 
 
-def _check_beta(beta, bounds, where):
-    beta = _real("beta", beta, where)
+def _check_beta(beta, bounds, where, read_device=True):
+    if isinstance(beta, torch.Tensor) and beta.numel() != 1:
+        raise ValueError(f"beta{where} must be a float or a one-element tensor, got a tensor of "
+                         f"shape {tuple(beta.shape)}")
+    beta = _real("beta", beta, where, read_device)
+    if beta is None:  # on the device: checked when given, not at every step
+        return
     if math.isnan(beta):
         raise TypeError(f"beta{where} must be a real number, got {beta!r}")
     if math.isinf(beta):
@@ -77,11 +85,13 @@ def _check_beta(beta, bounds, where):
                 "training diverges. Choose beta inside them.")
 
 
-def _check_hyperparameters(kind, group, where=""):
-    """torch.optim's range checks (NaN fails them all), naming the hyperparameter and the fix."""
-    def nonnegative(name, label=None):
-        value = _real(name, group[name], where)
-        if not 0.0 <= value:
+def _check_hyperparameters(kind, group, where="", read_device=True):
+    """torch.optim's range checks (NaN fails them all), naming the hyperparameter and the fix.
+    lr and beta may be one-element tensors; without read_device, those on an accelerator are
+    not read (step() checks them so, to stay free of host syncs)."""
+    def nonnegative(name, label=None, read=True):
+        value = _real(name, group[name], where, read)
+        if value is not None and not 0.0 <= value:
             raise ValueError(f"Invalid {label or name}{where} = {group[name]}: use {name} >= 0")
         return value
 
@@ -89,7 +99,7 @@ def _check_hyperparameters(kind, group, where=""):
     if isinstance(lr, torch.Tensor) and lr.numel() != 1:
         raise ValueError(f"lr{where} must be a float or a one-element tensor, got a tensor of "
                          f"shape {tuple(lr.shape)}")
-    nonnegative("lr", "learning rate lr")
+    nonnegative("lr", "learning rate lr", read_device)
     nonnegative("weight_decay")
     if kind == "sgd":
         momentum = nonnegative("momentum")
@@ -107,7 +117,7 @@ def _check_hyperparameters(kind, group, where=""):
             if not 0.0 <= _real(f"betas[{i}]", b, where) < 1.0:
                 raise ValueError(f"Invalid betas[{i}]{where} = {b}: use 0 <= b < 1 (these are "
                                  "Adam's moment decays, not GERNE's extrapolation beta)")
-    _check_beta(group["beta"], group.get("beta_bounds"), where)
+    _check_beta(group["beta"], group.get("beta_bounds"), where, read_device)
 
 
 def nonfinite_flag(tensors):
@@ -190,8 +200,8 @@ class GERNE(Optimizer):
         # instead of unscaling .grad itself; they must stay unset otherwise.
         self._step_supports_amp_scaling = True
 
-    def _check_group(self, group, where):
-        _check_hyperparameters(self.optimizer_kind, group, where)
+    def _check_group(self, group, where, read_device=True):
+        _check_hyperparameters(self.optimizer_kind, group, where, read_device)
 
     def add_param_group(self, param_group):
         # Checked before torch appends it: a refused group must leave no trace.
@@ -338,7 +348,7 @@ class GERNE(Optimizer):
 
     def _validate_before_step(self):
         for i, group in enumerate(self.param_groups):
-            self._check_group(group, f" (param group {i})")
+            self._check_group(group, f" (param group {i})", read_device=False)
         if self.has_stash() and self._stash_signature != tuple(id(p) for p in self._params()):
             raise RuntimeError("the parameter list changed between stash_biased() and step() "
                                "(add_param_group?): the stashed gradient no longer matches. "
@@ -423,19 +433,22 @@ class GERNE(Optimizer):
     def _plans(self):
         """Per param group and (device, dtype) bucket: (group, device, dtype, (params, g_b,
         g_lb), scale_b, scale_lb, inv_scale_b, inv_scale_lb); scale_lb * g_lb + scale_b * g_b
-        is the unscaled extrapolated gradient (in the lean mode .grad already holds it)."""
+        is the unscaled extrapolated gradient (in the lean mode .grad already holds it). The
+        scales are floats, or float64 tensors on the bucket's device (_scalars.py)."""
         stash = self.has_stash()
         inv_b, inv_lb = _amp.inverse_scales(self, stash)
         plans = []
         for group in self.param_groups:
-            beta = float(group["beta"])
-            if stash:
-                scale_b, scale_lb = -beta * inv_b, (1.0 + beta) * inv_lb
-            else:
-                scale_b, scale_lb = 0.0, inv_lb
+            on_device = _scalars.any_tensor(*self._op_scalars(group), inv_b, inv_lb)
             for (device, dtype), tensors in self._gather(group).items():
+                scale_b, scale_lb = _scalars.extrapolation_scales(
+                    group["beta"], inv_b, inv_lb, stash, device if on_device else None)
                 plans.append((group, device, dtype, tensors, scale_b, scale_lb, inv_b, inv_lb))
         return plans
+
+    def _op_scalars(self, group):
+        """The group's hyperparameters that reach the ops as lr / scales (tensors or floats)."""
+        return group["lr"], group["beta"]
 
     def _record_statistics(self, plans):
         if not self.has_stash():
@@ -456,7 +469,9 @@ class GERNE(Optimizer):
         # one reduction pass over all of them runs first.
         # The implementations are chosen first: a backend that cannot run one bucket raises
         # before any bucket is updated.
-        impls = [_backends.implementation(self.backend, plan[1].type, plan[2]) for plan in plans]
+        impls = [_backends.implementation(self.backend, plan[1].type, plan[2],
+                                          tensor_scalars=_scalars.any_tensor(plan[4]))
+                 for plan in plans]
         buckets_per_device = defaultdict(list)
         for plan, impl in zip(plans, impls):
             buckets_per_device[plan[1]].append((plan, impl))
@@ -485,7 +500,11 @@ class GERNE(Optimizer):
 
     def _update(self, impl, group, tensors, found_inf, scale_b, scale_lb, check_finite):
         params, grads_b, grads_lb = tensors
-        lr = float(group["lr"])
+        lr = group["lr"]
+        if _scalars.any_tensor(scale_b):  # the .tensor overloads: lr as a tensor too
+            lr = _scalars.on_device(lr, params[0].device)
+        else:
+            lr = float(lr)
         common = dict(scale_b=scale_b, scale_lb=scale_lb, check_finite=check_finite)
         created = []
         if self.optimizer_kind == "sgd":

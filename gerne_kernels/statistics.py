@@ -64,12 +64,13 @@ class StatisticsAccumulator:
             return
         sq_b, sq_lb = _squared_norms(grads_b), _squared_norms(grads_lb)
         dot = torch.stack([_dot(b, lb) for b, lb in zip(grads_b, grads_lb)]).sum()
+        # The scales may be float64 device tensors (_scalars.py): the sums keep sq_b's dtype.
         terms = torch.stack([
             sq_b * inv_scale_b ** 2,
             sq_lb * inv_scale_lb ** 2,
             dot * (inv_scale_b * inv_scale_lb),
             sq_lb * scale_lb ** 2 + sq_b * scale_b ** 2 + dot * (2 * scale_lb * scale_b),
-        ])
+        ]).to(sq_b.dtype)
         device = grads_b[0].device
         if device in self._sums:
             self._sums[device] = self._sums[device] + terms.to(self._sums[device].dtype)

@@ -45,10 +45,13 @@ class GERNEWrapper(GERNE):
                            dict(beta=beta, beta_bounds=beta_bounds))
         self.param_groups = base_optimizer.param_groups
 
-    def _check_group(self, group, where):
+    def _op_scalars(self, group):
+        return (group["beta"],)  # lr is the base optimizer's business
+
+    def _check_group(self, group, where, read_device=True):
         for key, value in self.defaults.items():
             group.setdefault(key, value)  # groups the base gained without a beta
-        _check_beta(group["beta"], group.get("beta_bounds"), where)
+        _check_beta(group["beta"], group.get("beta_bounds"), where, read_device)
 
     def add_param_group(self, param_group):
         if self.param_groups is not getattr(self.base, "param_groups", None):
@@ -100,7 +103,8 @@ class GERNEWrapper(GERNE):
 
     def _update(self, impl, group, tensors, found_inf, scale_b, scale_lb, check_finite):
         _, grads_b, grads_lb = tensors
-        if scale_b == 0 and scale_lb == 1:  # .grad already holds g (lean mode, beta = 0)
+        if not isinstance(scale_lb, torch.Tensor) and scale_b == 0 and scale_lb == 1:
+            # .grad already holds g (lean mode, or beta = 0 without a stash)
             if check_finite:
                 found_inf.add_(nonfinite_flag(grads_lb).to(found_inf.device))
             return

@@ -90,10 +90,25 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads_b, at::TensorList
   });
 }
 
+// The .tensor overload: lr and the scales as CPU tensors, read here.
+void adam_step_cpu_tensor(at::TensorList params, at::TensorList grads_b, at::TensorList grads_lb,
+                          at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                          at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
+                          const at::Tensor& found_inf, const at::Tensor& lr, double beta1,
+                          double beta2, double eps, double weight_decay, bool amsgrad,
+                          bool maximize, bool decoupled_weight_decay, const at::Tensor& scale_b,
+                          const at::Tensor& scale_lb, bool check_finite) {
+  adam_step_cpu(params, grads_b, grads_lb, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                found_inf, host_scalar(kOp, "lr", lr), beta1, beta2, eps, weight_decay, amsgrad,
+                maximize, decoupled_weight_decay, host_scalar(kOp, "scale_b", scale_b),
+                host_scalar(kOp, "scale_lb", scale_lb), check_finite);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gerne_kernels, CPU, m) {
   m.impl("adam_step_", &adam_step_cpu);
+  m.impl("adam_step_.tensor", &adam_step_cpu_tensor);
 }
 
 }  // namespace gerne::cpu

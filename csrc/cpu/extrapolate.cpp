@@ -52,10 +52,19 @@ void extrapolate_cpu(at::TensorList out, at::TensorList grads_b, at::TensorList 
   });
 }
 
+// The .tensor overload: the scales as CPU tensors, read here.
+void extrapolate_cpu_tensor(at::TensorList out, at::TensorList grads_b, at::TensorList grads_lb,
+                            const at::Tensor& found_inf, const at::Tensor& scale_b,
+                            const at::Tensor& scale_lb, bool check_finite) {
+  extrapolate_cpu(out, grads_b, grads_lb, found_inf, host_scalar(kOp, "scale_b", scale_b),
+                  host_scalar(kOp, "scale_lb", scale_lb), check_finite);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gerne_kernels, CPU, m) {
   m.impl("extrapolate_", &extrapolate_cpu);
+  m.impl("extrapolate_.tensor", &extrapolate_cpu_tensor);
 }
 
 }  // namespace gerne::cpu

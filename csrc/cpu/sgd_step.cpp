@@ -72,10 +72,24 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads_b, at::TensorList 
   });
 }
 
+// The .tensor overload: lr and the scales as CPU tensors, read here.
+void sgd_step_cpu_tensor(at::TensorList params, at::TensorList grads_b, at::TensorList grads_lb,
+                         at::TensorList momentum_buffers, const at::Tensor& found_inf,
+                         const at::Tensor& lr, double momentum, double dampening, bool nesterov,
+                         double weight_decay, bool maximize, bool is_first_step,
+                         const at::Tensor& scale_b, const at::Tensor& scale_lb,
+                         bool check_finite) {
+  sgd_step_cpu(params, grads_b, grads_lb, momentum_buffers, found_inf, host_scalar(kOp, "lr", lr),
+               momentum, dampening, nesterov, weight_decay, maximize, is_first_step,
+               host_scalar(kOp, "scale_b", scale_b), host_scalar(kOp, "scale_lb", scale_lb),
+               check_finite);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gerne_kernels, CPU, m) {
   m.impl("sgd_step_", &sgd_step_cpu);
+  m.impl("sgd_step_.tensor", &sgd_step_cpu_tensor);
 }
 
 }  // namespace gerne::cpu

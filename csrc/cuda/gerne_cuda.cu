@@ -9,8 +9,9 @@
 // Adam, ~700 for SGD): check_finite's scan (1), Adam's step counts (1), the update (1). Nothing
 // waits for the device: found_inf and the step counts are read and written on the device, so a
 // call never forces a host sync and can be captured in a CUDA graph (torch.optim's
-// capturable=True behaviour, always on). lr and the other hyperparameters are floats in the op
-// schema and are therefore fixed in a captured graph.
+// capturable=True behaviour, always on). The .tensor overloads take lr, scale_b and scale_lb as
+// tensors: on the call's device the kernel reads them (a captured graph then follows their
+// current values); the other hyperparameters are fixed floats of the schema.
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -46,6 +47,46 @@ at::Device call_device(const char* op, const at::Tensor& found_inf, const char* 
 
 void* data_of(const at::Tensor& t) { return t.data_ptr(); }
 
+// lr, scale_b and scale_lb of one call. By value: the default overload's floats, or .tensor
+// scalars that lie on the CPU. In device memory: .tensor scalars on the call's device, as
+// float64 copies (no copy when already float64) that the kernel reads; never the host.
+struct CallScalars {
+  double lr = 0.0, scale_b = 0.0, scale_lb = 0.0;
+  DeviceScalars in_memory;
+  std::vector<at::Tensor> keep_alive;  // the float64 copies, until the launches are queued
+};
+
+CallScalars by_value(double lr, double scale_b, double scale_lb) {
+  CallScalars s;
+  s.lr = lr;
+  s.scale_b = scale_b;
+  s.scale_lb = scale_lb;
+  return s;
+}
+
+// One .tensor scalar into `value` (CPU tensor) or `in_memory` (device tensor).
+void take_scalar(const char* op, const char* name, const at::Tensor& t, const at::Device& device,
+                 CallScalars& s, double& value, const double*& in_memory) {
+  check_scalar_tensor(op, name, t, device);
+  if (t.is_cpu()) {
+    value = t.item<double>();
+    return;
+  }
+  at::Tensor as_double = t.to(at::kDouble).contiguous();
+  in_memory = as_double.const_data_ptr<double>();
+  s.keep_alive.push_back(std::move(as_double));
+}
+
+// lr is null for extrapolate_, which has none.
+CallScalars from_tensors(const char* op, const at::Device& device, const at::Tensor* lr,
+                         const at::Tensor& scale_b, const at::Tensor& scale_lb) {
+  CallScalars s;
+  if (lr != nullptr) take_scalar(op, "lr", *lr, device, s, s.lr, s.in_memory.lr);
+  take_scalar(op, "scale_b", scale_b, device, s, s.scale_b, s.in_memory.scale_b);
+  take_scalar(op, "scale_lb", scale_lb, device, s, s.scale_lb, s.in_memory.scale_lb);
+  return s;
+}
+
 // multi_tensor_apply with scalar_t the C++ type of dtype.
 template <int N, typename Extra, typename Op>
 void apply_in_dtype(c10::ScalarType dtype, const char* op_name,
@@ -70,13 +111,13 @@ void scan_nonfinite(const char* op_name, at::TensorList grads_b, at::TensorList 
                  NonfiniteScanOp{found}, found);
 }
 
-void sgd_step_cuda(at::TensorList params, at::TensorList grads_b, at::TensorList grads_lb,
-                   at::TensorList momentum_buffers, const at::Tensor& found_inf, double lr,
-                   double momentum, double dampening, bool nesterov, double weight_decay,
-                   bool maximize, bool is_first_step, double scale_b, double scale_lb,
-                   bool check_finite) {
+// Both overloads, once the device and the scalars are known.
+void sgd_step(const at::Device& device, at::TensorList params, at::TensorList grads_b,
+              at::TensorList grads_lb, at::TensorList momentum_buffers,
+              const at::Tensor& found_inf, const CallScalars& scalars, double momentum,
+              double dampening, bool nesterov, double weight_decay, bool maximize,
+              bool is_first_step, bool check_finite) {
   const bool has_buffer = momentum != 0.0;
-  const at::Device device = call_device(kSgdOp, found_inf, "params", params);
   check_found_inf(kSgdOp, found_inf, device);
   check_leading_list(kSgdOp, "params", params, device);
   check_matching_list(kSgdOp, "grads_b", grads_b, "params", params, device);
@@ -88,9 +129,10 @@ void sgd_step_cuda(at::TensorList params, at::TensorList grads_b, at::TensorList
   const c10::cuda::CUDAGuard guard(device);
   if (check_finite) scan_nonfinite(kSgdOp, grads_b, grads_lb, found_inf);
 
-  const SgdOp op{make_sgd_hyper(lr, momentum, dampening, weight_decay, nesterov, maximize,
-                                is_first_step),
-                 static_cast<float>(scale_b), static_cast<float>(scale_lb)};
+  const SgdOp op{make_sgd_hyper(scalars.lr, momentum, dampening, weight_decay, nesterov,
+                                maximize, is_first_step),
+                 static_cast<float>(scalars.scale_b), static_cast<float>(scalars.scale_lb),
+                 scalars.in_memory};
   uint32_t reads = stream_bit(kSgdParam) | stream_bit(kSgdGradB) | stream_bit(kSgdGradLb);
   uint32_t writes = stream_bit(kSgdParam);
   if (has_buffer) {
@@ -110,14 +152,13 @@ void sgd_step_cuda(at::TensorList params, at::TensorList grads_b, at::TensorList
                  found_inf.data_ptr<float>());
 }
 
-void adam_step_cuda(at::TensorList params, at::TensorList grads_b, at::TensorList grads_lb,
-                    at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                    at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
-                    const at::Tensor& found_inf, double lr, double beta1, double beta2,
-                    double eps, double weight_decay, bool amsgrad, bool maximize,
-                    bool decoupled_weight_decay, double scale_b, double scale_lb,
-                    bool check_finite) {
-  const at::Device device = call_device(kAdamOp, found_inf, "params", params);
+// Both overloads, once the device and the scalars are known.
+void adam_step(const at::Device& device, at::TensorList params, at::TensorList grads_b,
+               at::TensorList grads_lb, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+               at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
+               const at::Tensor& found_inf, const CallScalars& scalars, double beta1,
+               double beta2, double eps, double weight_decay, bool amsgrad, bool maximize,
+               bool decoupled_weight_decay, bool check_finite) {
   check_found_inf(kAdamOp, found_inf, device);
   check_leading_list(kAdamOp, "params", params, device);
   check_matching_list(kAdamOp, "grads_b", grads_b, "params", params, device);
@@ -140,9 +181,11 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads_b, at::TensorLis
   for (const at::Tensor& s : state_steps) steps.push_back(s.data_ptr<float>());
   increment_steps(steps, found);
 
-  const AdamOp op{make_adam_hyper(lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
-                                  decoupled_weight_decay),
-                  lr, beta1, beta2, static_cast<float>(scale_b), static_cast<float>(scale_lb)};
+  const AdamOp op{make_adam_hyper(scalars.lr, beta1, beta2, eps, weight_decay, amsgrad,
+                                  maximize, decoupled_weight_decay),
+                  scalars.lr, beta1, beta2, weight_decay,
+                  static_cast<float>(scalars.scale_b), static_cast<float>(scalars.scale_lb),
+                  scalars.in_memory};
   uint32_t state = stream_bit(kAdamParam) | stream_bit(kAdamExpAvg) | stream_bit(kAdamExpAvgSq);
   if (amsgrad) state |= stream_bit(kAdamMaxExpAvgSq);
   const uint32_t reads = state | stream_bit(kAdamGradB) | stream_bit(kAdamGradLb);
@@ -161,10 +204,10 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads_b, at::TensorLis
   apply_in_dtype(params[0].scalar_type(), kAdamOp, entries, reads, state, op, found);
 }
 
-void extrapolate_cuda(at::TensorList out, at::TensorList grads_b, at::TensorList grads_lb,
-                      const at::Tensor& found_inf, double scale_b, double scale_lb,
-                      bool check_finite) {
-  const at::Device device = call_device(kExtrapolateOp, found_inf, "out", out);
+// Both overloads, once the device and the scalars are known.
+void extrapolate(const at::Device& device, at::TensorList out, at::TensorList grads_b,
+                 at::TensorList grads_lb, const at::Tensor& found_inf,
+                 const CallScalars& scalars, bool check_finite) {
   check_found_inf(kExtrapolateOp, found_inf, device);
   check_leading_list(kExtrapolateOp, "out", out, device);
   check_matching_list(kExtrapolateOp, "grads_b", grads_b, "out", out, device);
@@ -182,17 +225,87 @@ void extrapolate_cuda(at::TensorList out, at::TensorList grads_b, at::TensorList
     e.numel = out[i].numel();
   }
   const uint32_t reads = stream_bit(kExtrapolateGradB) | stream_bit(kExtrapolateGradLb);
-  const ExtrapolateOp op{static_cast<float>(scale_b), static_cast<float>(scale_lb)};
+  const ExtrapolateOp op{static_cast<float>(scalars.scale_b),
+                         static_cast<float>(scalars.scale_lb), scalars.in_memory};
   apply_in_dtype(out[0].scalar_type(), kExtrapolateOp, entries, reads,
                  stream_bit(kExtrapolateOut), op, found_inf.data_ptr<float>());
+}
+
+// The entry points of the two overloads of each op.
+
+void sgd_step_cuda(at::TensorList params, at::TensorList grads_b, at::TensorList grads_lb,
+                   at::TensorList momentum_buffers, const at::Tensor& found_inf, double lr,
+                   double momentum, double dampening, bool nesterov, double weight_decay,
+                   bool maximize, bool is_first_step, double scale_b, double scale_lb,
+                   bool check_finite) {
+  sgd_step(call_device(kSgdOp, found_inf, "params", params), params, grads_b, grads_lb,
+           momentum_buffers, found_inf, by_value(lr, scale_b, scale_lb), momentum, dampening,
+           nesterov, weight_decay, maximize, is_first_step, check_finite);
+}
+
+void sgd_step_cuda_tensor(at::TensorList params, at::TensorList grads_b, at::TensorList grads_lb,
+                          at::TensorList momentum_buffers, const at::Tensor& found_inf,
+                          const at::Tensor& lr, double momentum, double dampening,
+                          bool nesterov, double weight_decay, bool maximize, bool is_first_step,
+                          const at::Tensor& scale_b, const at::Tensor& scale_lb,
+                          bool check_finite) {
+  const at::Device device = call_device(kSgdOp, found_inf, "params", params);
+  sgd_step(device, params, grads_b, grads_lb, momentum_buffers, found_inf,
+           from_tensors(kSgdOp, device, &lr, scale_b, scale_lb), momentum, dampening, nesterov,
+           weight_decay, maximize, is_first_step, check_finite);
+}
+
+void adam_step_cuda(at::TensorList params, at::TensorList grads_b, at::TensorList grads_lb,
+                    at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                    at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
+                    const at::Tensor& found_inf, double lr, double beta1, double beta2,
+                    double eps, double weight_decay, bool amsgrad, bool maximize,
+                    bool decoupled_weight_decay, double scale_b, double scale_lb,
+                    bool check_finite) {
+  adam_step(call_device(kAdamOp, found_inf, "params", params), params, grads_b, grads_lb,
+            exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, found_inf,
+            by_value(lr, scale_b, scale_lb), beta1, beta2, eps, weight_decay, amsgrad, maximize,
+            decoupled_weight_decay, check_finite);
+}
+
+void adam_step_cuda_tensor(at::TensorList params, at::TensorList grads_b,
+                           at::TensorList grads_lb, at::TensorList exp_avgs,
+                           at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                           at::TensorList state_steps, const at::Tensor& found_inf,
+                           const at::Tensor& lr, double beta1, double beta2, double eps,
+                           double weight_decay, bool amsgrad, bool maximize,
+                           bool decoupled_weight_decay, const at::Tensor& scale_b,
+                           const at::Tensor& scale_lb, bool check_finite) {
+  const at::Device device = call_device(kAdamOp, found_inf, "params", params);
+  adam_step(device, params, grads_b, grads_lb, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+            state_steps, found_inf, from_tensors(kAdamOp, device, &lr, scale_b, scale_lb), beta1,
+            beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, check_finite);
+}
+
+void extrapolate_cuda(at::TensorList out, at::TensorList grads_b, at::TensorList grads_lb,
+                      const at::Tensor& found_inf, double scale_b, double scale_lb,
+                      bool check_finite) {
+  extrapolate(call_device(kExtrapolateOp, found_inf, "out", out), out, grads_b, grads_lb,
+              found_inf, by_value(0.0, scale_b, scale_lb), check_finite);
+}
+
+void extrapolate_cuda_tensor(at::TensorList out, at::TensorList grads_b, at::TensorList grads_lb,
+                             const at::Tensor& found_inf, const at::Tensor& scale_b,
+                             const at::Tensor& scale_lb, bool check_finite) {
+  const at::Device device = call_device(kExtrapolateOp, found_inf, "out", out);
+  extrapolate(device, out, grads_b, grads_lb, found_inf,
+              from_tensors(kExtrapolateOp, device, nullptr, scale_b, scale_lb), check_finite);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gerne_kernels, CUDA, m) {
   m.impl("sgd_step_", &sgd_step_cuda);
+  m.impl("sgd_step_.tensor", &sgd_step_cuda_tensor);
   m.impl("adam_step_", &adam_step_cuda);
+  m.impl("adam_step_.tensor", &adam_step_cuda_tensor);
   m.impl("extrapolate_", &extrapolate_cuda);
+  m.impl("extrapolate_.tensor", &extrapolate_cuda_tensor);
 }
 
 }  // namespace gerne::cuda

@@ -20,12 +20,32 @@ enum ExtrapolateStream {
 
 constexpr uint32_t stream_bit(int j) { return 1u << j; }
 
+// lr, scale_b and scale_lb in device memory (the ops' .tensor overloads), as float64; a null
+// pointer means the op carries that value itself. Each block reads them once, in for_tensor,
+// so a captured CUDA graph sees the values of the moment it is replayed.
+struct DeviceScalars {
+  const double* lr = nullptr;
+  const double* scale_b = nullptr;
+  const double* scale_lb = nullptr;
+
+  __device__ void load_scales(float& scale_b_out, float& scale_lb_out) const {
+    if (scale_b) scale_b_out = static_cast<float>(*scale_b);
+    if (scale_lb) scale_lb_out = static_cast<float>(*scale_lb);
+  }
+};
+
 // p, buf <- torch.optim.SGD's update with the extrapolated gradient.
 struct SgdOp {
   SgdHyper hyper;
   float scale_b, scale_lb;
+  DeviceScalars in_memory;
 
-  __device__ SgdOp for_tensor(const NoExtra&) const { return *this; }
+  __device__ SgdOp for_tensor(const NoExtra&) const {
+    SgdOp op = *this;
+    if (in_memory.lr) op.hyper.lr = static_cast<float>(*in_memory.lr);
+    in_memory.load_scales(op.scale_b, op.scale_lb);
+    return op;
+  }
   __device__ __forceinline__ void operator()(float (&x)[kSgdStreams]) const {
     const float g = extrapolated_grad(x[kSgdGradB], x[kSgdGradLb], scale_b, scale_lb);
     sgd_update(x[kSgdParam], x[kSgdMomentumBuffer], g, hyper);
@@ -39,12 +59,18 @@ struct SgdOp {
 // sync and a captured CUDA graph advances the count on every replay.
 struct AdamOp {
   AdamHyper hyper;  // step_size and bias_correction2_sqrt: set per tensor by for_tensor
-  double lr, beta1, beta2;
+  double lr, beta1, beta2, weight_decay;
   float scale_b, scale_lb;
+  DeviceScalars in_memory;
 
   __device__ AdamOp for_tensor(const float* const& step) const {
     AdamOp op = *this;
-    set_bias_corrections(op.hyper, lr, beta1, beta2, static_cast<double>(*step));
+    if (in_memory.lr) {
+      op.lr = *in_memory.lr;
+      op.hyper.decay_factor = adamw_decay_factor(op.lr, weight_decay);
+    }
+    in_memory.load_scales(op.scale_b, op.scale_lb);
+    set_bias_corrections(op.hyper, op.lr, beta1, beta2, static_cast<double>(*step));
     return op;
   }
   __device__ __forceinline__ void operator()(float (&x)[kAdamStreams]) const {
@@ -57,8 +83,13 @@ struct AdamOp {
 // out <- the extrapolated gradient.
 struct ExtrapolateOp {
   float scale_b, scale_lb;
+  DeviceScalars in_memory;
 
-  __device__ ExtrapolateOp for_tensor(const NoExtra&) const { return *this; }
+  __device__ ExtrapolateOp for_tensor(const NoExtra&) const {
+    ExtrapolateOp op = *this;
+    in_memory.load_scales(op.scale_b, op.scale_lb);
+    return op;
+  }
   __device__ __forceinline__ void operator()(float (&x)[kExtrapolateStreams]) const {
     x[kExtrapolateOut] =
         extrapolated_grad(x[kExtrapolateGradB], x[kExtrapolateGradLb], scale_b, scale_lb);

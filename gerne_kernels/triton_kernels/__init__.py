@@ -12,7 +12,8 @@ Launch settings, read at every call (the GPU benchmark flips them to compare):
     BLOCK_SIZE   elements per program (a power of two); NUM_WARPS: warps per program.
 A fixed configuration, no autotuning: a tuning run would replay the in-place update.
 
-Files: math.py (per-element math, mirroring csrc/gerne_math.h), tables.py (reading the pointer
+Files: math.py (per-element math, mirroring csrc/gerne_math.h), scalars.py (lr and the scales,
+by value or in device memory), tables.py (reading the pointer
 table in a kernel), finite_check.py, sgd.py, adam.py, extrapolate.py (one kernel each, in both
 launch variants, with its host-side launcher), _launch.py (host-side checks and tables).
 """
@@ -36,10 +37,12 @@ LAUNCH_MODE = "multi_tensor"
 BLOCK_SIZE = 1024 if INTERPRET else 2048
 NUM_WARPS = 4
 
+# One Python function serves both overloads of each op (float or tensor lr and scales).
 IMPLEMENTATIONS = {
-    "triton_sgd_step_": sgd_step_,
-    "triton_adam_step_": adam_step_,
-    "triton_extrapolate_": extrapolate_,
+    f"triton_{name}{overload}": function
+    for name, function in (("sgd_step_", sgd_step_), ("adam_step_", adam_step_),
+                           ("extrapolate_", extrapolate_))
+    for overload in ("", ".tensor")
 }
 DISPATCH_KEYS = ("CUDA", "CPU") if INTERPRET else ("CUDA",)
 

@@ -8,7 +8,8 @@ Step counts stay on the device, per tensor: after the optional non-finite check,
 state_steps[i] is incremented by (found_inf == 0) with one torch._foreach_add_ (no host sync,
 capturable in a CUDA graph), and each program then derives its tensor's bias corrections from
 the incremented count in float64 (math.set_bias_corrections). Computing them on the host, as the
-reference does, would need the counts there: one sync per step.
+reference does, would need the counts there: one sync per step. lr (and AdamW's 1 - lr * wd),
+scale_b and scale_lb come by value or, for the .tensor overload, from device memory (scalars.py).
 """
 
 import torch
@@ -18,6 +19,7 @@ import triton.language as tl
 from . import _launch
 from .finite_check import flag_nonfinite_per_tensor
 from .math import set_bias_corrections, adam_update, extrapolated_grad
+from .scalars import in_memory, runtime_double, runtime_float
 from .storage import load_f32, store_f32
 from .tables import remaining_elements, table_pointer, update_chunk
 
@@ -32,11 +34,15 @@ def adam_chunk(p_ptr, g_b_ptr, g_lb_ptr, m_ptr, v_ptr, vmax_ptr, step_ptr, remai
                scale_lb, lr_hi, lr_lo, beta1_hi, beta1_lo, beta2_hi, beta2_lo, one_minus_beta1,
                beta2, one_minus_beta2, eps, weight_decay, decay_factor, BLOCK: tl.constexpr,
                HAS_WEIGHT_DECAY: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
-               DECOUPLED_WEIGHT_DECAY: tl.constexpr):
+               DECOUPLED_WEIGHT_DECAY: tl.constexpr, SCALARS_IN_MEMORY: tl.constexpr):
     """Updates the first min(remaining, BLOCK) elements after the given pointers: a full block
     unmasked (vectorizable), a tensor's last block or a skipped step (remaining == 0) masked."""
+    scale_b = runtime_float(scale_b, SCALARS_IN_MEMORY)
+    scale_lb = runtime_float(scale_lb, SCALARS_IN_MEMORY)
+    decay_factor = runtime_float(decay_factor, SCALARS_IN_MEMORY)
+    lr = runtime_double(lr_hi, lr_lo, SCALARS_IN_MEMORY)
     step_size, bias_correction2_sqrt = set_bias_corrections(
-        tl.load(step_ptr), lr_hi, lr_lo, beta1_hi, beta1_lo, beta2_hi, beta2_lo)
+        tl.load(step_ptr), lr, beta1_hi, beta1_lo, beta2_hi, beta2_lo)
     if remaining >= BLOCK:
         adam_block(p_ptr, g_b_ptr, g_lb_ptr, m_ptr, v_ptr, vmax_ptr, remaining, scale_b, scale_lb,
                    one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay_factor,
@@ -83,7 +89,8 @@ def _adam_multi_tensor_kernel(table_ptr, chunks_ptr, found_inf_ptr, p_like, g_b_
                               one_minus_beta2, eps, weight_decay, decay_factor,
                               BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
                               HAS_WEIGHT_DECAY: tl.constexpr, AMSGRAD: tl.constexpr,
-                              MAXIMIZE: tl.constexpr, DECOUPLED_WEIGHT_DECAY: tl.constexpr):
+                              MAXIMIZE: tl.constexpr, DECOUPLED_WEIGHT_DECAY: tl.constexpr,
+                              SCALARS_IN_MEMORY: tl.constexpr):
     row, base, remaining = update_chunk(table_ptr, chunks_ptr, found_inf_ptr, WIDTH, BLOCK)
     p_ptr = table_pointer(table_ptr, row, P, WIDTH, p_like, ALIGNED) + base
     g_b_ptr = table_pointer(table_ptr, row, G_B, WIDTH, g_b_like, ALIGNED) + base
@@ -95,7 +102,7 @@ def _adam_multi_tensor_kernel(table_ptr, chunks_ptr, found_inf_ptr, p_like, g_b_
     adam_chunk(p_ptr, g_b_ptr, g_lb_ptr, m_ptr, v_ptr, vmax_ptr, step_ptr, remaining, scale_b,
                scale_lb, lr_hi, lr_lo, beta1_hi, beta1_lo, beta2_hi, beta2_lo, one_minus_beta1,
                beta2, one_minus_beta2, eps, weight_decay, decay_factor, BLOCK, HAS_WEIGHT_DECAY,
-               AMSGRAD, MAXIMIZE, DECOUPLED_WEIGHT_DECAY)
+               AMSGRAD, MAXIMIZE, DECOUPLED_WEIGHT_DECAY, SCALARS_IN_MEMORY)
 
 
 @triton.jit
@@ -105,14 +112,15 @@ def _adam_per_tensor_kernel(p_ptr, g_b_ptr, g_lb_ptr, m_ptr, v_ptr, vmax_ptr, st
                             one_minus_beta2, eps, weight_decay, decay_factor,
                             BLOCK: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
                             AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
-                            DECOUPLED_WEIGHT_DECAY: tl.constexpr):
+                            DECOUPLED_WEIGHT_DECAY: tl.constexpr,
+                            SCALARS_IN_MEMORY: tl.constexpr):
     base = tl.program_id(0).to(tl.int64) * BLOCK
     remaining = remaining_elements(found_inf_ptr, numel, base)
     adam_chunk(p_ptr + base, g_b_ptr + base, g_lb_ptr + base, m_ptr + base, v_ptr + base,
                vmax_ptr + base, step_ptr, remaining, scale_b, scale_lb, lr_hi, lr_lo, beta1_hi,
                beta1_lo, beta2_hi, beta2_lo, one_minus_beta1, beta2, one_minus_beta2, eps,
                weight_decay, decay_factor, BLOCK, HAS_WEIGHT_DECAY, AMSGRAD, MAXIMIZE,
-               DECOUPLED_WEIGHT_DECAY)
+               DECOUPLED_WEIGHT_DECAY, SCALARS_IN_MEMORY)
 
 
 def increment_steps_(state_steps, found_inf):
@@ -124,7 +132,8 @@ def increment_steps_(state_steps, found_inf):
 def adam_step_(params, grads_b, grads_lb, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
                found_inf, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
                decoupled_weight_decay, scale_b, scale_lb, check_finite):
-    """The Triton implementation of gerne_kernels::triton_adam_step_ (schema in _ops.py)."""
+    """The Triton implementation of gerne_kernels::triton_adam_step_, both overloads (schema
+    in _ops.py): lr, scale_b and scale_lb are floats, or tensors for .tensor."""
     device_index = _launch.check_found_inf(found_inf, OP_NAME)
     numels = [p.numel() for p in params]
     lists = dict(params=params, grads_b=grads_b, grads_lb=grads_lb, exp_avgs=exp_avgs,
@@ -136,17 +145,26 @@ def adam_step_(params, grads_b, grads_lb, exp_avgs, exp_avg_sqs, max_exp_avg_sqs
     if not params:
         return
     mode, block, num_warps = _launch.mode_for(found_inf, dtypes)
-    lr, beta1, beta2, weight_decay = float(lr), float(beta1), float(beta2), float(weight_decay)
-    lr_hi, lr_lo = _launch.split_double(lr)
+    beta1, beta2, weight_decay = float(beta1), float(beta2), float(weight_decay)
+    tensor_scalars = isinstance(lr, torch.Tensor)
+    if tensor_scalars:
+        scalars = in_memory(OP_NAME, found_inf, scale_b=scale_b, scale_lb=scale_lb, lr_hi=lr)
+        # 1 - lr * wd in float64 on the device, as torch.optim computes it on the host.
+        scalars.update(lr_lo=0.0, decay_factor=1.0 - scalars["lr_hi"] * weight_decay)
+    else:
+        lr = float(lr)
+        lr_hi, lr_lo = _launch.split_double(lr)
+        scalars = dict(scale_b=float(scale_b), scale_lb=float(scale_lb), lr_hi=lr_hi,
+                       lr_lo=lr_lo, decay_factor=1.0 - lr * weight_decay)
     beta1_hi, beta1_lo = _launch.split_double(beta1)
     beta2_hi, beta2_lo = _launch.split_double(beta2)
     # Host-side scalars in double, rounded once to float32 at launch, as torch.optim does.
-    scalars = dict(scale_b=float(scale_b), scale_lb=float(scale_lb), lr_hi=lr_hi, lr_lo=lr_lo,
-                   beta1_hi=beta1_hi, beta1_lo=beta1_lo, beta2_hi=beta2_hi, beta2_lo=beta2_lo,
+    scalars.update(beta1_hi=beta1_hi, beta1_lo=beta1_lo, beta2_hi=beta2_hi, beta2_lo=beta2_lo,
                    one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2,
-                   eps=float(eps), weight_decay=weight_decay, decay_factor=1.0 - lr * weight_decay)
+                   eps=float(eps), weight_decay=weight_decay)
     flags = dict(HAS_WEIGHT_DECAY=weight_decay != 0, AMSGRAD=bool(amsgrad),
-                 MAXIMIZE=bool(maximize), DECOUPLED_WEIGHT_DECAY=bool(decoupled_weight_decay))
+                 MAXIMIZE=bool(maximize), DECOUPLED_WEIGHT_DECAY=bool(decoupled_weight_decay),
+                 SCALARS_IN_MEMORY=tensor_scalars)
     maxima = max_exp_avg_sqs if amsgrad else None
     if mode == "multi_tensor":
         table, chunks, aligned, likes = _launch.prepare_multi_tensor(

@@ -112,15 +112,15 @@ def integer_power(base, exponent):
 
 
 @triton.jit
-def set_bias_corrections(step, lr_hi, lr_lo, beta1_hi, beta1_lo, beta2_hi, beta2_lo):
+def set_bias_corrections(step, lr, beta1_hi, beta1_lo, beta2_hi, beta2_lo):
     """The per-tensor AdamHyper fields from a tensor's (already incremented) step count t,
     returned as float32 (step_size, bias_correction2_sqrt), computed in float64 as torch.optim
     does in Python:  step_size = lr / (1 - beta1^t),  bias_correction2_sqrt = sqrt(1 - beta2^t).
-    A Triton kernel takes float arguments as float32, so lr, beta1 and beta2 arrive as
-    (hi, lo) float32 pairs with hi + lo = the double to 48 bits (float32 beta2 = 0.999 alone
-    would move 1 - beta2 by 1e-5 relative). pow becomes integer_power: t is a whole number."""
+    lr is float64 (scalars.runtime_double). A Triton kernel takes float arguments as float32,
+    so beta1 and beta2 arrive as (hi, lo) float32 pairs with hi + lo = the double to 48 bits
+    (float32 beta2 = 0.999 alone would move 1 - beta2 by 1e-5 relative). pow becomes
+    integer_power: t is a whole number."""
     t = step.to(tl.int64)
-    lr = tl.cast(lr_hi, tl.float64) + tl.cast(lr_lo, tl.float64)
     beta1 = tl.cast(beta1_hi, tl.float64) + tl.cast(beta1_lo, tl.float64)
     beta2 = tl.cast(beta2_hi, tl.float64) + tl.cast(beta2_lo, tl.float64)
     step_size = lr / (1.0 - integer_power(beta1, t))

@@ -1,16 +1,19 @@
 """triton_sgd_step_: GERNE's extrapolated gradient followed by torch.optim.SGD, one pass.
 
 Per element (math.py):  g = scale_lb * g_lb + scale_b * g_b;  then SGD with momentum,
-dampening, nesterov, weight decay and maximize on g. Parameters and momentum buffers are
+dampening, nesterov, weight decay and maximize on g. lr, scale_b and scale_lb come by value or,
+for the .tensor overload, from device memory (scalars.py). Parameters and momentum buffers are
 read and written in their own dtype (float32, bfloat16, float16); the math is float32.
 """
 
+import torch
 import triton
 import triton.language as tl
 
 from . import _launch
 from .finite_check import flag_nonfinite_per_tensor
 from .math import extrapolated_grad, sgd_update
+from .scalars import in_memory, runtime_float
 from .storage import load_f32, store_f32
 from .tables import remaining_elements, table_pointer, update_chunk
 
@@ -24,9 +27,13 @@ WIDTH = tl.constexpr(5)
 def sgd_chunk(p_ptr, g_b_ptr, g_lb_ptr, buf_ptr, remaining, scale_b, scale_lb, lr, momentum,
               one_minus_dampening, weight_decay, BLOCK: tl.constexpr,
               HAS_MOMENTUM: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
-              NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, IS_FIRST_STEP: tl.constexpr):
+              NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, IS_FIRST_STEP: tl.constexpr,
+              SCALARS_IN_MEMORY: tl.constexpr):
     """Updates the first min(remaining, BLOCK) elements after the given pointers: a full block
     unmasked (vectorizable), a tensor's last block or a skipped step (remaining == 0) masked."""
+    scale_b = runtime_float(scale_b, SCALARS_IN_MEMORY)
+    scale_lb = runtime_float(scale_lb, SCALARS_IN_MEMORY)
+    lr = runtime_float(lr, SCALARS_IN_MEMORY)
     if remaining >= BLOCK:
         sgd_block(p_ptr, g_b_ptr, g_lb_ptr, buf_ptr, remaining, scale_b, scale_lb, lr, momentum,
                   one_minus_dampening, weight_decay, BLOCK, False, HAS_MOMENTUM,
@@ -65,7 +72,7 @@ def _sgd_multi_tensor_kernel(table_ptr, chunks_ptr, found_inf_ptr, p_like, g_b_l
                              weight_decay, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
                              HAS_MOMENTUM: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
                              NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
-                             IS_FIRST_STEP: tl.constexpr):
+                             IS_FIRST_STEP: tl.constexpr, SCALARS_IN_MEMORY: tl.constexpr):
     row, base, remaining = update_chunk(table_ptr, chunks_ptr, found_inf_ptr, WIDTH, BLOCK)
     p_ptr = table_pointer(table_ptr, row, P, WIDTH, p_like, ALIGNED) + base
     g_b_ptr = table_pointer(table_ptr, row, G_B, WIDTH, g_b_like, ALIGNED) + base
@@ -73,7 +80,7 @@ def _sgd_multi_tensor_kernel(table_ptr, chunks_ptr, found_inf_ptr, p_like, g_b_l
     buf_ptr = table_pointer(table_ptr, row, BUF, WIDTH, buf_like, ALIGNED) + base
     sgd_chunk(p_ptr, g_b_ptr, g_lb_ptr, buf_ptr, remaining, scale_b, scale_lb, lr, momentum,
               one_minus_dampening, weight_decay, BLOCK, HAS_MOMENTUM, HAS_WEIGHT_DECAY,
-              NESTEROV, MAXIMIZE, IS_FIRST_STEP)
+              NESTEROV, MAXIMIZE, IS_FIRST_STEP, SCALARS_IN_MEMORY)
 
 
 @triton.jit
@@ -81,18 +88,20 @@ def _sgd_per_tensor_kernel(p_ptr, g_b_ptr, g_lb_ptr, buf_ptr, found_inf_ptr, num
                            scale_lb, lr, momentum, one_minus_dampening, weight_decay,
                            BLOCK: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
                            HAS_WEIGHT_DECAY: tl.constexpr, NESTEROV: tl.constexpr,
-                           MAXIMIZE: tl.constexpr, IS_FIRST_STEP: tl.constexpr):
+                           MAXIMIZE: tl.constexpr, IS_FIRST_STEP: tl.constexpr,
+                           SCALARS_IN_MEMORY: tl.constexpr):
     base = tl.program_id(0).to(tl.int64) * BLOCK
     remaining = remaining_elements(found_inf_ptr, numel, base)
     sgd_chunk(p_ptr + base, g_b_ptr + base, g_lb_ptr + base, buf_ptr + base, remaining, scale_b,
               scale_lb, lr, momentum, one_minus_dampening, weight_decay, BLOCK, HAS_MOMENTUM,
-              HAS_WEIGHT_DECAY, NESTEROV, MAXIMIZE, IS_FIRST_STEP)
+              HAS_WEIGHT_DECAY, NESTEROV, MAXIMIZE, IS_FIRST_STEP, SCALARS_IN_MEMORY)
 
 
 def sgd_step_(params, grads_b, grads_lb, momentum_buffers, found_inf, *, lr, momentum,
               dampening, nesterov, weight_decay, maximize, is_first_step, scale_b, scale_lb,
               check_finite):
-    """The Triton implementation of gerne_kernels::triton_sgd_step_ (schema in _ops.py)."""
+    """The Triton implementation of gerne_kernels::triton_sgd_step_, both overloads (schema in
+    _ops.py): lr, scale_b and scale_lb are floats, or tensors for .tensor."""
     device_index = _launch.check_found_inf(found_inf, OP_NAME)
     numels = [p.numel() for p in params]
     has_momentum = momentum != 0
@@ -103,13 +112,17 @@ def sgd_step_(params, grads_b, grads_lb, momentum_buffers, found_inf, *, lr, mom
     if not params:
         return
     mode, block, num_warps = _launch.mode_for(found_inf, dtypes)
+    tensor_scalars = isinstance(lr, torch.Tensor)
+    if tensor_scalars:
+        scalars = in_memory(OP_NAME, found_inf, scale_b=scale_b, scale_lb=scale_lb, lr=lr)
+    else:
+        scalars = dict(scale_b=float(scale_b), scale_lb=float(scale_lb), lr=float(lr))
     # Host-side scalars in double, rounded once to float32 at launch, as torch.optim does.
-    scalars = dict(scale_b=float(scale_b), scale_lb=float(scale_lb), lr=float(lr),
-                   momentum=float(momentum), one_minus_dampening=1.0 - float(dampening),
+    scalars.update(momentum=float(momentum), one_minus_dampening=1.0 - float(dampening),
                    weight_decay=float(weight_decay))
     flags = dict(HAS_MOMENTUM=has_momentum, HAS_WEIGHT_DECAY=weight_decay != 0,
                  NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize),
-                 IS_FIRST_STEP=bool(is_first_step))
+                 IS_FIRST_STEP=bool(is_first_step), SCALARS_IN_MEMORY=tensor_scalars)
     buffers = momentum_buffers if has_momentum else None
     if mode == "multi_tensor":
         table, chunks, aligned, likes = _launch.prepare_multi_tensor(
