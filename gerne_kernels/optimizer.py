@@ -40,25 +40,24 @@ _HYPERPARAMETERS = {
 }
 
 
-def _real(name, value, where, read_device=True):
+def _real(name, value, where, read_tensors=True):
     """value as a float; a TypeError naming the hyperparameter if it is not a real number.
-    A one-element tensor on an accelerator gives None unless read_device (a host sync)."""
+    A one-element tensor gives None unless read_tensors (a host sync for a device tensor, a
+    graph break under torch.compile)."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
-        if value.device.type != "cpu" and not read_device:
-            return None
-        return float(value)
+        return float(value) if read_tensors else None
     if isinstance(value, numbers.Real):  # int, float, bool, numpy scalars
         return float(value)
     raise TypeError(f"{name}{where} must be a real number (a float or a one-element tensor), "
                     f"got {value!r}")
 
 
-def _check_beta(beta, bounds, where, read_device=True):
+def _check_beta(beta, bounds, where, read_tensors=True):
     if isinstance(beta, torch.Tensor) and beta.numel() != 1:
         raise ValueError(f"beta{where} must be a float or a one-element tensor, got a tensor of "
                          f"shape {tuple(beta.shape)}")
-    beta = _real("beta", beta, where, read_device)
-    if beta is None:  # on the device: checked when given, not at every step
+    beta = _real("beta", beta, where, read_tensors)
+    if beta is None:  # a tensor: checked when given, not at every step
         return
     if math.isnan(beta):
         raise TypeError(f"beta{where} must be a real number, got {beta!r}")
@@ -85,10 +84,10 @@ def _check_beta(beta, bounds, where, read_device=True):
                 "training diverges. Choose beta inside them.")
 
 
-def _check_hyperparameters(kind, group, where="", read_device=True):
+def _check_hyperparameters(kind, group, where="", read_tensors=True):
     """torch.optim's range checks (NaN fails them all), naming the hyperparameter and the fix.
-    lr and beta may be one-element tensors; without read_device, those on an accelerator are
-    not read (step() checks them so, to stay free of host syncs)."""
+    lr and beta may be one-element tensors, read only with read_tensors: step() leaves them
+    unread, to stay free of host syncs and graph breaks (they are checked when given)."""
     def nonnegative(name, label=None, read=True):
         value = _real(name, group[name], where, read)
         if value is not None and not 0.0 <= value:
@@ -99,7 +98,7 @@ def _check_hyperparameters(kind, group, where="", read_device=True):
     if isinstance(lr, torch.Tensor) and lr.numel() != 1:
         raise ValueError(f"lr{where} must be a float or a one-element tensor, got a tensor of "
                          f"shape {tuple(lr.shape)}")
-    nonnegative("lr", "learning rate lr", read_device)
+    nonnegative("lr", "learning rate lr", read_tensors)
     nonnegative("weight_decay")
     if kind == "sgd":
         momentum = nonnegative("momentum")
@@ -117,7 +116,7 @@ def _check_hyperparameters(kind, group, where="", read_device=True):
             if not 0.0 <= _real(f"betas[{i}]", b, where) < 1.0:
                 raise ValueError(f"Invalid betas[{i}]{where} = {b}: use 0 <= b < 1 (these are "
                                  "Adam's moment decays, not GERNE's extrapolation beta)")
-    _check_beta(group["beta"], group.get("beta_bounds"), where, read_device)
+    _check_beta(group["beta"], group.get("beta_bounds"), where, read_tensors)
 
 
 def nonfinite_flag(tensors):
@@ -200,8 +199,8 @@ class GERNE(Optimizer):
         # instead of unscaling .grad itself; they must stay unset otherwise.
         self._step_supports_amp_scaling = True
 
-    def _check_group(self, group, where, read_device=True):
-        _check_hyperparameters(self.optimizer_kind, group, where, read_device)
+    def _check_group(self, group, where, read_tensors=True):
+        _check_hyperparameters(self.optimizer_kind, group, where, read_tensors)
 
     def add_param_group(self, param_group):
         # Checked before torch appends it: a refused group must leave no trace.
@@ -348,7 +347,7 @@ class GERNE(Optimizer):
 
     def _validate_before_step(self):
         for i, group in enumerate(self.param_groups):
-            self._check_group(group, f" (param group {i})", read_device=False)
+            self._check_group(group, f" (param group {i})", read_tensors=False)
         if self.has_stash() and self._stash_signature != tuple(id(p) for p in self._params()):
             raise RuntimeError("the parameter list changed between stash_biased() and step() "
                                "(add_param_group?): the stashed gradient no longer matches. "

@@ -48,10 +48,10 @@ class GERNEWrapper(GERNE):
     def _op_scalars(self, group):
         return (group["beta"],)  # lr is the base optimizer's business
 
-    def _check_group(self, group, where, read_device=True):
+    def _check_group(self, group, where, read_tensors=True):
         for key, value in self.defaults.items():
             group.setdefault(key, value)  # groups the base gained without a beta
-        _check_beta(group["beta"], group.get("beta_bounds"), where, read_device)
+        _check_beta(group["beta"], group.get("beta_bounds"), where, read_tensors)
 
     def add_param_group(self, param_group):
         if self.param_groups is not getattr(self.base, "param_groups", None):

@@ -2,8 +2,25 @@
 GERNE step, and the oracle that feeds a plain torch optimizer (1 + beta) g_lb - beta g_b."""
 
 import copy
+import os
 
+import pytest
 import torch
+
+from gerne_kernels import _build
+
+REQUIRE_CPU_ENV = "GERNE_KERNELS_REQUIRE_CPU"
+
+
+def require_cpu_build():
+    """Builds the C++ CPU extension, or skips the calling test (fails it where
+    GERNE_KERNELS_REQUIRE_CPU=1, as in CI) with the build error and its log."""
+    built = _build.build("cpu")
+    if not built.ok:
+        message = f"the cpu extension failed to build: {built.error} (log: {built.log_path})"
+        if os.environ.get(REQUIRE_CPU_ENV) == "1":
+            pytest.fail(message)
+        pytest.skip(message)
 
 
 def make_model(seed=1, dtype=torch.float32):

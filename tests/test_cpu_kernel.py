@@ -14,6 +14,7 @@ import torch
 
 import gerne_kernels as gk
 from gerne_kernels import _build, _ops, _reference
+from gerne_testing import require_cpu_build
 
 REQUIRE_ENV = "GERNE_KERNELS_REQUIRE_CPU"
 
@@ -35,11 +36,7 @@ TOLERANCE = {  # float32 to rounding, reduced types to one unit in the last plac
 
 @pytest.fixture(scope="module")
 def cpu_ops():
-    built = _build.build("cpu")
-    if not built.ok:
-        if os.environ.get(REQUIRE_ENV) == "1":
-            pytest.fail(f"the cpu extension failed to build: {built.error} (log: {built.log_path})")
-        pytest.skip(f"the cpu extension failed to build: {built.error} (log: {built.log_path})")
+    require_cpu_build()
     return {name: _ops.op(name) for name in ("sgd_step_", "adam_step_", "extrapolate_")}
 
 

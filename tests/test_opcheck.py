@@ -6,24 +6,16 @@ test runs a function that calls an op under torch.compile(fullgraph=True) and co
 eager execution.
 """
 
-import os
-
 import pytest
 import torch
 
-from gerne_kernels import _build, _ops
-
-REQUIRE_ENV = "GERNE_KERNELS_REQUIRE_CPU"
+from gerne_kernels import _ops
+from gerne_testing import require_cpu_build
 
 
 @pytest.fixture(scope="module", autouse=True)
 def cpu_built():
-    built = _build.build("cpu")
-    if not built.ok:
-        message = f"the cpu extension failed to build: {built.error} (log: {built.log_path})"
-        if os.environ.get(REQUIRE_ENV) == "1":
-            pytest.fail(message)
-        pytest.skip(message)
+    require_cpu_build()
 
 
 SHAPES = [(5,), (3, 2), (0,), (33,)]

@@ -75,6 +75,8 @@ def compile_for_gpu(kernel, arch, dtype, constexprs, aligned):
                 attrs[(index,)] = [["tt.divisibility", 16]]
         elif name == "numel":
             signature[name] = "i64"
+        elif constexprs.get("SCALARS_IN_MEMORY") and name in IN_MEMORY_SCALARS:
+            signature[name] = "*fp64"
         else:
             signature[name] = "fp32"
     names = inspect.signature(ASTSource).parameters
@@ -86,23 +88,37 @@ def compile_for_gpu(kernel, arch, dtype, constexprs, aligned):
     return compiled.asm["ptx"]
 
 
+# The arguments that become float64 pointers with SCALARS_IN_MEMORY (the .tensor overloads).
+IN_MEMORY_SCALARS = {"lr", "lr_hi", "scale_b", "scale_lb", "decay_factor"}
+
+
 def aot_cases():
     if not HAS_TRITON:
         return []
     from gerne_kernels.triton_kernels import adam, extrapolate, finite_check, sgd
     block = dict(BLOCK=2048)
     multi = dict(block, ALIGNED=True)
+    in_memory = dict(SCALARS_IN_MEMORY=True)
+    by_value = dict(SCALARS_IN_MEMORY=False)
     sgd_flags = dict(HAS_MOMENTUM=True, HAS_WEIGHT_DECAY=True, NESTEROV=True, MAXIMIZE=True,
-                     IS_FIRST_STEP=False)
+                     IS_FIRST_STEP=False, **by_value)
     adam_flags = dict(HAS_WEIGHT_DECAY=True, AMSGRAD=True, MAXIMIZE=True,
-                      DECOUPLED_WEIGHT_DECAY=True)
+                      DECOUPLED_WEIGHT_DECAY=True, **by_value)
     return [
+        ("sgd_multi_tensor_in_memory", sgd._sgd_multi_tensor_kernel,
+         dict(multi, **dict(sgd_flags, **in_memory))),
+        ("adam_multi_tensor_in_memory", adam._adam_multi_tensor_kernel,
+         dict(multi, **dict(adam_flags, **in_memory))),
+        ("extrapolate_per_tensor_in_memory", extrapolate._extrapolate_per_tensor_kernel,
+         dict(block, **in_memory)),
         ("sgd_multi_tensor", sgd._sgd_multi_tensor_kernel, dict(multi, **sgd_flags)),
         ("sgd_per_tensor", sgd._sgd_per_tensor_kernel, dict(block, **sgd_flags)),
         ("adam_multi_tensor", adam._adam_multi_tensor_kernel, dict(multi, **adam_flags)),
         ("adam_per_tensor", adam._adam_per_tensor_kernel, dict(block, **adam_flags)),
-        ("extrapolate_multi_tensor", extrapolate._extrapolate_multi_tensor_kernel, multi),
-        ("extrapolate_per_tensor", extrapolate._extrapolate_per_tensor_kernel, block),
+        ("extrapolate_multi_tensor", extrapolate._extrapolate_multi_tensor_kernel,
+         dict(multi, **by_value)),
+        ("extrapolate_per_tensor", extrapolate._extrapolate_per_tensor_kernel,
+         dict(block, **by_value)),
         ("nonfinite_multi_tensor", finite_check._nonfinite_multi_tensor_kernel,
          dict(multi, G_B_COLUMN=1, G_LB_COLUMN=2, WIDTH=5)),
         ("nonfinite_per_tensor", finite_check._nonfinite_per_tensor_kernel, block),

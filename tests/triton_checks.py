@@ -3,7 +3,8 @@
   tests/interpret/  the kernels in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, a
                     subprocess started by tests/test_triton_kernel.py), small sizes;
   tests/test_triton_kernel.py  the compiled kernels on a GPU, larger sizes (skipped without one);
-  tests/test_cuda_kernel.py    the same checks on the CUDA ops (prefix="": sgd_step_, ...).
+  tests/test_cuda_kernel.py    the same checks on the CUDA ops (prefix="": sgd_step_, ...),
+  tests/test_cpu_kernel.py     check_tensor_scalars on the C++ CPU ops.
 
 Each check builds one random problem, runs a few steps of the fused op on one copy and of
 gerne_kernels._reference (the specification) on another, and compares every tensor the op may
@@ -51,12 +52,12 @@ ADAM_HYPERS = [
 ]
 
 
-def fused_op(name, prefix="triton_"):
-    """The op gerne_kernels::<prefix><name>; for the Triton ops, their implementations are
-    registered first (importing gerne_kernels.triton_kernels does that)."""
+def fused_op(name, prefix="triton_", overload="default"):
+    """The op gerne_kernels::<prefix><name>.<overload>; for the Triton ops, their
+    implementations are registered first (importing gerne_kernels.triton_kernels does that)."""
     if prefix == "triton_":
         import gerne_kernels.triton_kernels  # noqa: F401
-    return _ops.op(prefix + name)
+    return _ops.op(prefix + name, overload)
 
 
 def scales(beta, inv_scale_b=1.0, inv_scale_lb=1.0):
@@ -261,3 +262,96 @@ def check_gerne_against_torch_optim(device, kind, torch_cls, hyper, *, beta=1.5,
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     return opt
+
+
+# lr factor and beta per step of check_tensor_scalars: the values move from step to step, as an
+# lr or beta schedule moves them.
+SCHEDULE = [(1.0, 1.0), (0.5, 0.3), (0.125, 2.0)]
+
+
+def check_tensor_scalars(op_name, device, dtype, sizes, *, scalar_dtype=torch.float64,
+                         prefix="triton_"):
+    """The .tensor overload, given lr, scale_b and scale_lb as tensors on the device, writes the
+    same bits as the default overload given the same values as floats, over steps whose lr and
+    beta change (the skip check on one of them)."""
+    _, _, args, kwargs = problem_for(op_name, device, dtype, sizes, prefix=prefix)
+    results = []
+    for overload in ("default", "tensor"):
+        op = fused_op(op_name, prefix, overload)
+        call_args = copy.deepcopy(args)
+        found_inf = torch.zeros((), device=device)
+        for step, (lr_factor, beta) in enumerate(SCHEDULE):
+            values = dict(zip(("scale_b", "scale_lb"), scales(beta, 0.5, 0.25)))
+            if "lr" in kwargs:
+                values["lr"] = kwargs["lr"] * lr_factor
+            tensors = {name: torch.tensor(v, dtype=scalar_dtype, device=device)
+                       for name, v in values.items()}
+            # The floats are the tensors' values (float32 tensors round them).
+            scalars = tensors if overload == "tensor" else {n: float(t) for n, t in
+                                                            tensors.items()}
+            op(*call_args, found_inf, **dict(kwargs, **scalars), check_finite=step == 1)
+        assert found_inf.item() == 0
+        results.append(call_args)
+    for i, (a, b) in enumerate(zip(*results)):
+        for j, (x, y) in enumerate(zip(a, b)):
+            assert torch.equal(x, y), f"argument {i}[{j}] differs between the overloads"
+    assert any(not torch.equal(x, y) for x, y in zip(results[0][0], args[0])), \
+        "the steps changed nothing"
+
+
+def check_graph_follows_tensor_scalars(kind, prefix="triton_"):
+    """A step of the .tensor overload captured in a CUDA graph once and replayed while lr and
+    beta change: every replay reads the scalars' current values (no value is baked into the
+    graph), matching the reference step by step; a replay with found_inf set changes nothing."""
+    sizes = [4096, 1, 70_001, 33]
+    generator = torch.Generator().manual_seed(11)
+    params = random_tensors(sizes, torch.float32, "cuda", generator)
+    (g_b, g_lb), = gradients(sizes, torch.float32, "cuda", generator, 1)
+    if kind == "sgd":
+        state = [random_tensors(sizes, torch.float32, "cuda", generator)]
+        hyper = dict(SGD_HYPERS[3], is_first_step=False)
+        op_name, reference = "sgd_step_", _reference.sgd_step_
+    else:
+        state = list(adam_state(sizes, torch.float32, "cuda", generator, True, (0, 2)))
+        hyper = dict(ADAM_HYPERS[3])
+        op_name, reference = "adam_step_", _reference.adam_step_
+    base_lr = hyper.pop("lr")
+    lr = torch.tensor(base_lr, dtype=torch.float64, device="cuda")
+    scale_b = torch.zeros((), dtype=torch.float64, device="cuda")
+    scale_lb = torch.zeros((), dtype=torch.float64, device="cuda")
+    op = fused_op(op_name, prefix, "tensor")
+    found_inf = torch.zeros((), device="cuda")
+
+    def set_scalars(lr_factor, beta):
+        values = (base_lr * lr_factor, *scales(beta))
+        for tensor, value in zip((lr, scale_b, scale_lb), values):
+            tensor.fill_(value)
+        return dict(zip(("lr", "scale_b", "scale_lb"), values))
+
+    def step():
+        op(params, g_b, g_lb, *state, found_inf, lr=lr, scale_b=scale_b, scale_lb=scale_lb,
+           **hyper, check_finite=True)
+
+    set_scalars(*SCHEDULE[0])
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # warm-up: compiles the kernels and fills the table caches
+    torch.cuda.current_stream().wait_stream(stream)
+    expected_params, expected_state = copy.deepcopy(params), copy.deepcopy(state)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for lr_factor, beta in SCHEDULE[1:] + SCHEDULE[:1]:
+        values = set_scalars(lr_factor, beta)
+        graph.replay()
+        reference(expected_params, g_b, g_lb, *expected_state, torch.zeros((), device="cuda"),
+                  **hyper, **values, check_finite=True)
+    torch.cuda.synchronize()
+    for a, e in zip(params + sum(state, []), expected_params + sum(expected_state, [])):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+    before = copy.deepcopy(params)
+    found_inf.fill_(1.0)
+    graph.replay()  # skipped on the device
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(params, before))

@@ -1,0 +1,272 @@
+"""lr, beta and the loss scales as tensors: the ops' .tensor overloads and the optimizers' tensor
+path (gerne_kernels/_scalars.py).
+
+The oracle is the float path, itself held against the reference and torch.optim elsewhere: the
+same values given as tensors must give the same bits. On a GPU, a step captured in a CUDA graph
+must follow the tensors' current values on every replay, and a GERNE step with device-resident lr
+and beta must not synchronise with the host.
+"""
+
+import copy
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import gerne_kernels as gk
+from gerne_kernels import _backends, _ops
+from gerne_testing import (assert_same, loss_of, make_batches, make_model, require_cpu_build,
+                           snapshot, stash_step)
+import triton_checks as checks
+
+OPS = ["sgd_step_", "adam_step_", "extrapolate_"]
+HAS_GPU = torch.cuda.is_available()
+OPTIMIZERS = {
+    "sgd": dict(optimizer="sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+    "adamw": dict(optimizer="adamw", lr=1e-2, weight_decay=0.05, amsgrad=True),
+}
+# (lr factor, beta) per step, as schedules would set them.
+SCHEDULE = [(1.0, 1.5), (0.5, 0.5), (0.25, 3.0), (0.125, 0.0)]
+
+
+@pytest.fixture(scope="module")
+def cpu_ops():
+    require_cpu_build()
+
+
+# ---------------------------------------------------------------------------------------------
+# The ops
+
+@pytest.mark.parametrize("op_name", OPS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("scalar_dtype", [torch.float64, torch.float32], ids=str)
+def test_cpu_tensor_overload_matches_float_overload(cpu_ops, op_name, dtype, scalar_dtype):
+    checks.check_tensor_scalars(op_name, "cpu", dtype, [0, 1, 17, 1025, 40000],
+                                scalar_dtype=scalar_dtype, prefix="")
+
+
+@pytest.mark.parametrize("op_name", OPS)
+def test_reference_takes_tensor_scalars(op_name):
+    _, reference, args, kwargs = checks.problem_for(op_name, "cpu", torch.float32, [3, 40])
+    results = []
+    for as_tensor in (False, True):
+        call_args = copy.deepcopy(args)
+        scalars = {k: torch.tensor(v, dtype=torch.float64) if as_tensor else v
+                   for k, v in kwargs.items() if k in _ops.TENSOR_SCALARS}
+        reference(*call_args, torch.zeros(()), **dict(kwargs, **scalars), check_finite=True)
+        results.append(call_args)
+    for a, b in zip(*results):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_tensor_overload_schemas():
+    for name in OPS:
+        schema = str(_ops.op(name, "tensor")._schema)
+        assert "Tensor scale_b" in schema and "Tensor scale_lb" in schema
+        assert ("Tensor lr" in schema) == (name != "extrapolate_")
+        assert "float scale" not in schema and "float lr" not in schema
+
+
+@pytest.mark.parametrize("op_name", OPS)
+def test_opcheck_tensor_overload(cpu_ops, op_name):
+    _, _, args, kwargs = checks.problem_for(op_name, "cpu", torch.float32, [5, 0, 33])
+    kwargs = {k: torch.tensor(v, dtype=torch.float64) if k in _ops.TENSOR_SCALARS else v
+              for k, v in kwargs.items()}
+    results = torch.library.opcheck(_ops.op(op_name, "tensor"),
+                                    (*args, torch.zeros(())), dict(kwargs, check_finite=True))
+    assert all(result == "SUCCESS" for result in results.values()), results
+
+
+@pytest.mark.parametrize("bad", [torch.tensor([0.1, 0.2]), torch.tensor(1, dtype=torch.int64),
+                                 torch.tensor(0.1, dtype=torch.float16)],
+                         ids=["two_elements", "int64", "float16"])
+def test_cpu_tensor_overload_names_a_bad_scalar(cpu_ops, bad):
+    _, _, args, kwargs = checks.problem_for("sgd_step_", "cpu", torch.float32, [5])
+    kwargs = {k: torch.tensor(v, dtype=torch.float64) if k in _ops.TENSOR_SCALARS else v
+              for k, v in kwargs.items()}
+    kwargs["lr"] = bad
+    with pytest.raises(RuntimeError, match=r"lr must be a one-element float32 or float64"):
+        _ops.op("sgd_step_", "tensor")(*args, torch.zeros(()), **kwargs, check_finite=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The optimizers
+
+def schedule_step(opt, step, base_lr, as_tensors):
+    lr_factor, beta = SCHEDULE[step]
+    for group in opt.param_groups:
+        if as_tensors:  # in place, as torch's LR schedulers update a tensor lr
+            group["lr"].fill_(base_lr * lr_factor)
+            group["beta"].fill_(beta)
+        else:
+            group["lr"], group["beta"] = base_lr * lr_factor, beta
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_tensor_lr_and_beta_give_the_float_path_bits(backend, name):
+    """Schedules that move lr and beta each step: as floats, and as tensors updated in place."""
+    hyper = dict(OPTIMIZERS[name])
+    base_lr = hyper.pop("lr")
+    runs = []
+    for as_tensors in (False, True):
+        model = make_model()
+        lr = torch.tensor(base_lr, dtype=torch.float64) if as_tensors else base_lr
+        beta = torch.tensor(1.5, dtype=torch.float64) if as_tensors else 1.5
+        opt = gk.GERNE(model.parameters(), lr=lr, beta=beta, backend=backend, **hyper)
+        for step, (x_b, x_lb) in enumerate(make_batches(len(SCHEDULE))):
+            schedule_step(opt, step, base_lr, as_tensors)
+            stash_step(model, opt, x_b, x_lb)
+        if as_tensors:
+            assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)
+        runs.append(snapshot(model, opt.state_dict()["state"]))
+    assert_same(*runs)
+
+
+def test_lr_scheduler_keeps_a_tensor_lr_and_the_float_path_bits(backend):
+    runs = []
+    for as_tensor in (False, True):
+        model = make_model()
+        lr = torch.tensor(0.1) if as_tensor else 0.1
+        opt = gk.GERNE(model.parameters(), optimizer="sgd", lr=lr, momentum=0.9, beta=1.0,
+                       backend=backend)
+        scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7)
+        for x_b, x_lb in make_batches(4):
+            stash_step(model, opt, x_b, x_lb)
+            scheduler.step()
+        assert isinstance(opt.param_groups[0]["lr"], torch.Tensor) == as_tensor
+        runs.append(snapshot(model, opt.state_dict()["state"]))
+    assert_same(*runs)
+
+
+def test_wrapper_takes_a_tensor_beta(backend):
+    runs = []
+    for as_tensor in (False, True):
+        model = make_model()
+        beta = torch.tensor(2.0) if as_tensor else 2.0
+        opt = gk.GERNEWrapper(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                              beta=beta, backend=backend)
+        for step, (x_b, x_lb) in enumerate(make_batches(3)):
+            if as_tensor:
+                opt.param_groups[0]["beta"].fill_(SCHEDULE[step][1])
+            else:
+                opt.param_groups[0]["beta"] = SCHEDULE[step][1]
+            stash_step(model, opt, x_b, x_lb)
+        runs.append(snapshot(model, opt.base.state_dict()["state"]))
+    assert_same(*runs)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("lr", torch.tensor([0.1, 0.2]), "lr must be a float or a one-element tensor"),
+    ("beta", torch.tensor([1.0, 2.0]), "beta must be a float or a one-element tensor"),
+    ("beta", torch.tensor(-2.0), "beta = -2.0 is below -1"),
+    ("lr", torch.tensor(-0.1), "learning rate lr"),
+])
+def test_bad_tensor_hyperparameters_are_refused(key, value, message):
+    with pytest.raises(ValueError, match=message):
+        gk.GERNE(make_model().parameters(), **{key: value})
+
+
+@pytest.mark.skipif(not _backends.status("cpu")[0], reason="the cpu backend is not built")
+def test_compiled_step_follows_tensor_lr_and_beta_without_recompiling():
+    """lr and beta as tensors are graph inputs: moving them never recompiles the step."""
+    torch._dynamo.reset()
+    hyper = dict(OPTIMIZERS["adamw"])
+    base_lr = hyper.pop("lr")
+    model, ref = make_model(), make_model()
+    opt = gk.GERNE(model.parameters(), lr=torch.tensor(base_lr, dtype=torch.float64),
+                   beta=torch.tensor(1.5, dtype=torch.float64), backend="cpu", **hyper)
+    ref_opt = gk.GERNE(ref.parameters(), lr=base_lr, beta=1.5, backend="cpu", **hyper)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled_step = torch.compile(opt.step, backend=counter, fullgraph=True)
+    try:
+        for step, (x_b, x_lb) in enumerate(make_batches(len(SCHEDULE))):
+            schedule_step(opt, step, base_lr, as_tensors=True)
+            schedule_step(ref_opt, step, base_lr, as_tensors=False)
+            opt.zero_grad()
+            loss_of(model, x_b).backward()
+            opt.stash_biased()
+            loss_of(model, x_lb).backward()
+            if step == 0:
+                opt.step()  # creating the state reads the device once: eager
+            else:
+                compiled_step()
+            if step == 1:
+                # Dynamo may restart its first analysis once (counted as a frame); after that,
+                # new values of lr and beta must not compile anything.
+                first_compile_frames = counter.frame_count
+            stash_step(ref, ref_opt, x_b, x_lb)
+    finally:
+        torch._dynamo.reset()
+    assert counter.frame_count == first_compile_frames
+    inputs = [node.name for node in counter.graphs[-1].graph.find_nodes(op="placeholder")]
+    assert any("lr" in name for name in inputs) and any("beta" in name for name in inputs)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# On a GPU
+
+gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
+
+
+def gpu_backends():
+    names = []
+    for name in ("cuda", "triton"):
+        if HAS_GPU and _backends.status(name)[0]:
+            names.append(name)
+    return names
+
+
+@gpu
+@pytest.mark.parametrize("backend_name", ["cuda", "triton"])
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_captured_step_follows_tensor_scalars(backend_name, kind):
+    if backend_name not in gpu_backends():
+        pytest.skip(f"the {backend_name} backend is unavailable: "
+                    f"{_backends.status(backend_name)[1]}")
+    checks.check_graph_follows_tensor_scalars(kind, "" if backend_name == "cuda" else "triton_")
+
+
+@gpu
+@pytest.mark.parametrize("backend_name", ["cuda", "triton"])
+@pytest.mark.parametrize("op_name", OPS)
+def test_gpu_tensor_overload_matches_float_overload(backend_name, op_name):
+    if backend_name not in gpu_backends():
+        pytest.skip(f"the {backend_name} backend is unavailable")
+    checks.check_tensor_scalars(op_name, "cuda", torch.float32, [1, 4096, 65537, 3],
+                                prefix="" if backend_name == "cuda" else "triton_")
+
+
+@gpu
+@pytest.mark.parametrize("backend_name", ["cuda", "triton"])
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_step_with_device_lr_and_beta_never_syncs(backend_name, name):
+    """After the first step (which creates the state), a GERNE step with lr and beta on the
+    device runs without one host synchronisation, and matches the float path."""
+    if backend_name not in gpu_backends():
+        pytest.skip(f"the {backend_name} backend is unavailable")
+    hyper = dict(OPTIMIZERS[name])
+    base_lr = hyper.pop("lr")
+    runs = []
+    for as_tensors in (False, True):
+        model = make_model().cuda()
+        lr = torch.tensor(base_lr, dtype=torch.float64, device="cuda") if as_tensors else base_lr
+        beta = torch.tensor(1.5, dtype=torch.float64, device="cuda") if as_tensors else 1.5
+        opt = gk.GERNE(model.parameters(), lr=lr, beta=beta, backend=backend_name, **hyper)
+        for step, (x_b, x_lb) in enumerate(make_batches(len(SCHEDULE))):
+            x_b, x_lb = x_b.cuda(), x_lb.cuda()
+            schedule_step(opt, step, base_lr, as_tensors)
+            opt.zero_grad()
+            loss_of(model, x_b).backward()
+            opt.stash_biased()
+            loss_of(model, x_lb).backward()
+            if as_tensors and step > 0:
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                opt.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for p, q in zip(*runs):
+        assert torch.equal(p, q)
