@@ -8,8 +8,9 @@
 # Runs from a checkout without installing anything (PYTHONPATH=the repository). Writes to OUTDIR:
 #   env.txt            GPU, driver, versions (nvidia-smi, python -m gerne_kernels info)
 #   build.log          the CUDA build (time, errors) and its compiler log
-#   pytest_cuda.{log,xml}, pytest_triton.{log,xml}   tests/test_cuda_kernel.py,
-#                      tests/test_triton_kernel.py
+#   pytest_cuda.{log,xml}, pytest_triton.{log,xml}, pytest_scalars.{log,xml}
+#                      tests/test_cuda_kernel.py, tests/test_triton_kernel.py, the GPU tests
+#                      of tests/test_tensor_scalars.py
 #   bench.log, bench_gpu.json, bench_gpu.md   benchmarks/bench_gpu.py (bench_gpu.md: the table
 #                      for benchmarks/RESULTS.md)
 #   summary.txt        one line per stage: ok / FAILED / TIMEOUT and its seconds
@@ -98,6 +99,12 @@ else
     echo "triton_tests: SKIPPED (tests/test_triton_kernel.py is missing)" \
         | tee -a "$OUTDIR/summary.txt"
 fi
+
+# The .tensor overloads on the GPU: graph replays that follow lr/beta, no host sync in a step.
+stage scalar_tests 60 "$OUTDIR/pytest_scalars.log" 60 "$PYTHON" -m pytest \
+    tests/test_tensor_scalars.py -q -rfEs -p no:cacheprovider \
+    -k "captured or gpu_tensor or never_syncs" --junitxml="$OUTDIR/pytest_scalars.xml"
+tail -n 8 "$OUTDIR/pytest_scalars.log"
 
 stage bench 200 "$OUTDIR/bench.log" 5 "$PYTHON" benchmarks/bench_gpu.py --out "$OUTDIR"
 cat "$OUTDIR/bench.log"
