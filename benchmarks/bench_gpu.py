@@ -9,11 +9,13 @@ and one of AdamW on g = (1 + beta) g_lb - beta g_b. Variants:
 
   cuda            gerne_kernels' CUDA op (sgd_step_ / adam_step_), check_finite=False: one pass
   cuda_checked    the same with check_finite=True (GERNE's default): one more read of g_b, g_lb
+  cuda_tensor_scalars  the CUDA op's .tensor overload: lr and the scales read from device memory
   triton          the Triton op (one launch for all tensors via a pointer table), check_finite=False
   triton_per_tensor  the Triton op launched once per tensor
   torch_fused     torch._foreach_lerp_(g_b, g_lb, 1 + beta) (g into g_b), then
                   torch.optim.SGD / AdamW(fused=True).step(): torch's fastest, two passes
   gerne_step      GERNE(backend="cuda"): stash_biased() + step(), the op plus Python overhead
+  gerne_step_device_scalars  the same with lr and beta as device tensors (no host sync)
   reference       gerne_kernels' pure-PyTorch reference ops (the specification)
 
 The floor: bytes that must move per float32 parameter (read once, write once): SGD momentum 24 B,
@@ -86,17 +88,21 @@ class Problem:
         self.steps = [torch.ones((), device=DEVICE) for _ in sizes]
         self.found_inf = torch.zeros((), device=DEVICE)
 
-    def op_step(self, impl, optimizer, check_finite):
-        """A callable running impl's fused op (an Implementation or the reference module)."""
+    def op_step(self, impl, optimizer, check_finite, tensor_scalars=False):
+        """A callable running impl's fused op (an Implementation or the reference module); with
+        tensor_scalars, lr and the scales are float64 device tensors (the .tensor overloads)."""
+        scalars = dict(scale_args(), lr=LR)
+        if tensor_scalars:
+            scalars = {k: torch.tensor(v, dtype=torch.float64, device=DEVICE)
+                       for k, v in scalars.items()}
         if optimizer == "sgd":
             return lambda: impl.sgd_step_(
-                self.params, self.grads_b, self.grads_lb, self.buffers, self.found_inf, lr=LR,
+                self.params, self.grads_b, self.grads_lb, self.buffers, self.found_inf,
                 momentum=MOMENTUM, dampening=0.0, nesterov=False, weight_decay=WEIGHT_DECAY,
-                maximize=False, is_first_step=False, check_finite=check_finite, **scale_args())
+                maximize=False, is_first_step=False, check_finite=check_finite, **scalars)
         return lambda: impl.adam_step_(
             self.params, self.grads_b, self.grads_lb, self.exp_avgs, self.exp_avg_sqs, [],
-            self.steps, self.found_inf, lr=LR, **ADAMW, check_finite=check_finite,
-            **scale_args())
+            self.steps, self.found_inf, **ADAMW, check_finite=check_finite, **scalars)
 
     def torch_step(self, optimizer, extrapolate=True):
         """torch.optim's fused optimizer, after torch._foreach_lerp_ forms g in g_b."""
@@ -116,10 +122,13 @@ class Problem:
         step()  # creates the state
         return step
 
-    def gerne_step(self, optimizer):
+    def gerne_step(self, optimizer, device_scalars=False):
         leaves = [torch.nn.Parameter(p) for p in self.params]
         hyper = dict(momentum=MOMENTUM) if optimizer == "sgd" else {}
-        opt = gk.GERNE(leaves, optimizer=optimizer, lr=LR, weight_decay=WEIGHT_DECAY, beta=BETA,
+        lr, beta = LR, BETA
+        if device_scalars:  # lr and beta as device tensors: the sync-free, graph-safe path
+            lr, beta = (torch.tensor(v, dtype=torch.float64, device=DEVICE) for v in (lr, beta))
+        opt = gk.GERNE(leaves, optimizer=optimizer, lr=lr, weight_decay=WEIGHT_DECAY, beta=beta,
                        backend="cuda", **hyper)
 
         def step():
@@ -229,6 +238,9 @@ def run_large(optimizer, numel, tensors, rounds, calls, copy_bw, triton):
     shared = problem()
     variants["cuda"] = shared.op_step(cuda, optimizer, False)
     variants["cuda_checked"] = shared.op_step(cuda, optimizer, True)
+    variants["cuda_tensor_scalars"] = shared.op_step(
+        _backends.implementation("cuda", "cuda", torch.float32, tensor_scalars=True), optimizer,
+        False, tensor_scalars=True)
     triton_impl_, settings = triton
     if triton_impl_ is not None:
         variants["triton"] = in_mode(settings, "multi_tensor",
@@ -238,6 +250,7 @@ def run_large(optimizer, numel, tensors, rounds, calls, copy_bw, triton):
                                                     shared.op_step(triton_impl_, optimizer, False))
     variants["torch_fused"] = problem().torch_step(optimizer)
     variants["gerne_step"] = problem().gerne_step(optimizer)
+    variants["gerne_step_device_scalars"] = problem().gerne_step(optimizer, device_scalars=True)
     variants["reference"] = problem().op_step(_reference, optimizer, False)
     ms = time_interleaved({**variants, "copy": copy_bw.step}, rounds, calls)
     bandwidth = copy_bw.gbps(ms.pop("copy"))
@@ -253,7 +266,7 @@ def run_large(optimizer, numel, tensors, rounds, calls, copy_bw, triton):
             gbps=BYTES_PER_PARAM[optimizer] * numel / (ms[name] * 1e-3) / 1e9,
             floor_fraction=floor_ms / ms[name],
             speedup_vs_torch_fused=ms["torch_fused"] / ms[name],
-            launches=launches_per_call(fn), max_error=errors.get(name.split("_")[0])))
+            launches=launches_per_call(fn), max_error=errors.get(name)))
     if triton_impl_ is None:
         rows.append(dict(optimizer=optimizer, variant="triton", skipped=settings))
     del problems, shared
