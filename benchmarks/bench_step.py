@@ -25,6 +25,9 @@ momentum or AdamW to the float32 parameters. The variants:
                  scans g_b and g_lb for inf/NaN, one more read of both gradients.
   gerne_step     GERNE(backend="cpu"): stash_biased() and step(), the op plus the optimizer's
                  Python overhead (gathering tensors and state).
+  gerne_step_tensor_scalars
+                 the same with lr and beta as tensors (the ops' .tensor overloads: the scalars
+                 are formed with torch ops, as on a GPU where this keeps the step sync-free).
 
 The floor. Bytes that must move per float32 parameter in one step (read once, written once):
   SGD momentum: read p, g_b, g_lb, buf (16 B), write p, buf (8 B)             = 24 B
@@ -71,9 +74,9 @@ MOMENTUM = 0.9
 WEIGHT_DECAY = 1e-2
 BYTES_PER_PARAM = {"sgd": 24, "adamw": 32}
 EXTRA_BYTES = {"reference": None, "torch_fused": 12, "torch_fused_checked": 28, "fused": 0,
-               "fused_checked": 8, "gerne_step": 8}
+               "fused_checked": 8, "gerne_step": 8, "gerne_step_tensor_scalars": 8}
 VARIANTS = ("reference", "torch_fused", "torch_fused_checked", "fused", "fused_checked",
-            "gerne_step")
+            "gerne_step", "gerne_step_tensor_scalars")
 OPTIMIZERS = ("sgd", "adamw")
 MIN_SAMPLE_SECONDS = 0.004
 
@@ -151,9 +154,12 @@ def make_step(optimizer, variant, numel, tensors):
                 torch._amp_foreach_non_finite_check_and_unscale_(grads_lb, found_inf, one)
                 torch._foreach_lerp_(grads_b, grads_lb, 1.0 + BETA)
                 opt.step()
-    elif variant == "gerne_step":
+    elif variant in ("gerne_step", "gerne_step_tensor_scalars"):
         hyper = (dict(momentum=MOMENTUM) if optimizer == "sgd" else {})
-        opt = gk.GERNE(leaves, optimizer=optimizer, lr=LR, weight_decay=WEIGHT_DECAY, beta=BETA,
+        lr, beta = LR, BETA
+        if variant == "gerne_step_tensor_scalars":
+            lr, beta = torch.tensor(LR, dtype=torch.float64), torch.tensor(BETA, dtype=torch.float64)
+        opt = gk.GERNE(leaves, optimizer=optimizer, lr=lr, weight_decay=WEIGHT_DECAY, beta=beta,
                        backend="cpu", **hyper)
 
         def step():
@@ -272,14 +278,14 @@ def machine_name():
 def format_row(row):
     speedup = row.get("speedup_vs_torch_fused")
     checked = row.get("speedup_vs_torch_fused_checked")
-    return (f"{row['optimizer']:6} {row['variant']:19} {row['numel']:>10} {row['tensors']:>7} "
+    return (f"{row['optimizer']:6} {row['variant']:25} {row['numel']:>10} {row['tensors']:>7} "
             f"{row['ms']:10.3f} {row['ms_min']:9.3f} {row['gbps']:7.2f} "
             f"{row['bandwidth_gbps']:7.2f} {100 * row['floor_fraction']:6.1f}% "
             f"{'' if speedup is None else f'{speedup:8.2f}x'}"
             f"{'' if checked is None else f'{checked:11.2f}x'}")
 
 
-HEADER = (f"{'optim':6} {'variant':19} {'params':>10} {'tensors':>7} {'ms/step':>10} "
+HEADER = (f"{'optim':6} {'variant':25} {'params':>10} {'tensors':>7} {'ms/step':>10} "
           f"{'ms(min)':>9} {'GB/s':>7} {'bw GB/s':>7} {'floor':>7} {'vs torch':>9} "
           f"{'vs checked':>11}\n"
           "(ms/step: median of rounds; GB/s: the floor's bytes / ms/step; bw: the best in-place "
