@@ -27,6 +27,13 @@ ops against torch.optim.AdamW(fused=True).step() alone (no extrapolation).
 
 Timing: CUDA events around a batch of calls; warm-up first; the variants take turns in every
 round; the median over rounds. Launches: CUDA kernels (and copies) per step under torch.profiler.
+
+    python benchmarks/bench_gpu.py --cpu-smoke --out DIR
+
+runs the whole script on the CPU at tiny sizes, the C++ CPU op standing in for the CUDA op
+(wall-clock timing, no launch counts): it proves the script's logic where no GPU is at hand
+(benchmarks/test_bench_gpu.py), so that the scarce GPU time is not lost to a Python error. Its
+numbers mean nothing.
 """
 
 import argparse
@@ -35,6 +42,7 @@ import json
 import os
 import statistics
 import sys
+import time
 
 import torch
 
@@ -48,7 +56,8 @@ from bench_step import BETA, BYTES_PER_PARAM, LR, MOMENTUM, WEIGHT_DECAY, scale_
 
 from gerne_kernels import _backends, _build, _reference  # noqa: E402
 
-DEVICE = "cuda"
+DEVICE = "cuda"   # "cpu" with --cpu-smoke
+BACKEND = "cuda"  # the backend of the "cuda" rows: "cpu" with --cpu-smoke
 TARGETS = dict(floor_fraction=0.85, speedup_vs_torch_fused=1.2, launches=4,
                small_tensors_vs_torch_adamw=2.0)
 ADAMW = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=WEIGHT_DECAY, amsgrad=False,
@@ -129,7 +138,7 @@ class Problem:
         if device_scalars:  # lr and beta as device tensors: the sync-free, graph-safe path
             lr, beta = (torch.tensor(v, dtype=torch.float64, device=DEVICE) for v in (lr, beta))
         opt = gk.GERNE(leaves, optimizer=optimizer, lr=lr, weight_decay=WEIGHT_DECAY, beta=beta,
-                       backend="cuda", **hyper)
+                       backend=BACKEND, **hyper)
 
         def step():
             for p, g in zip(leaves, self.grads_b):
@@ -145,7 +154,7 @@ class Problem:
 def triton_impl():
     """The Triton Implementation and its launch_settings, or (None, reason)."""
     try:
-        impl = _backends.implementation("triton", "cuda", torch.float32)
+        impl = _backends.implementation("triton", DEVICE, torch.float32)
         from gerne_kernels import triton_kernels
         return impl, getattr(triton_kernels, "launch_settings", None)
     except Exception as exc:  # not installed, failed import: the row says why
@@ -166,29 +175,47 @@ def in_mode(settings, mode, fn):
 # Measuring
 
 
+def synchronize():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def elapsed_ms(fn, calls):
+    """Milliseconds for `calls` calls: CUDA events on the GPU, the wall clock on the CPU."""
+    if DEVICE != "cuda":
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - start) * 1e3
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
 def time_interleaved(fns, rounds, calls, warmup=3):
-    """{name: median milliseconds per call}: CUDA events around `calls` calls, all functions
+    """{name: median milliseconds per call}: `calls` calls timed together, all functions
     taking turns in each of `rounds` rounds."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    torch.cuda.synchronize()
+    synchronize()
     samples = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(calls):
-                fn()
-            end.record()
-            end.synchronize()
-            samples[name].append(start.elapsed_time(end) / calls)
+            samples[name].append(elapsed_ms(fn, calls) / calls)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def launches_per_call(fn):
-    """GPU activities (kernels, copies, fills) per call, counted by torch.profiler."""
+    """GPU activities (kernels, copies, fills) per call, counted by torch.profiler (None on the
+    CPU)."""
+    if DEVICE != "cuda":
+        return None
     from torch.profiler import ProfilerActivity, profile
     fn()
     torch.cuda.synchronize()
@@ -210,7 +237,7 @@ def max_error(optimizer, impl, sizes):
 class CopyBandwidth:
     """dst.copy_(src) over `nbytes`: read + write bytes per second."""
 
-    def __init__(self, nbytes=1 << 30):
+    def __init__(self, nbytes):
         self.numel = nbytes // 4
         self.src = torch.randn(self.numel, device=DEVICE)
         self.dst = torch.empty_like(self.src)
@@ -222,13 +249,18 @@ class CopyBandwidth:
         return 2 * 4 * self.numel / (ms * 1e-3) / 1e9
 
 
+def empty_cache():
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+
+
 # ------------------------------------------------------------------------------------------------
 # Runs
 
 
 def run_large(optimizer, numel, tensors, rounds, calls, copy_bw, triton):
     sizes = uneven_sizes(numel, tensors)
-    cuda = _backends.implementation("cuda", "cuda", torch.float32)
+    cuda = _backends.implementation(BACKEND, DEVICE, torch.float32)
     variants, problems = {}, []
 
     def problem():
@@ -239,7 +271,7 @@ def run_large(optimizer, numel, tensors, rounds, calls, copy_bw, triton):
     variants["cuda"] = shared.op_step(cuda, optimizer, False)
     variants["cuda_checked"] = shared.op_step(cuda, optimizer, True)
     variants["cuda_tensor_scalars"] = shared.op_step(
-        _backends.implementation("cuda", "cuda", torch.float32, tensor_scalars=True), optimizer,
+        _backends.implementation(BACKEND, DEVICE, torch.float32, tensor_scalars=True), optimizer,
         False, tensor_scalars=True)
     triton_impl_, settings = triton
     if triton_impl_ is not None:
@@ -270,13 +302,13 @@ def run_large(optimizer, numel, tensors, rounds, calls, copy_bw, triton):
     if triton_impl_ is None:
         rows.append(dict(optimizer=optimizer, variant="triton", skipped=settings))
     del problems, shared
-    torch.cuda.empty_cache()
+    empty_cache()
     return rows
 
 
 def run_small(tensors, numel, rounds, calls, triton):
     sizes = [numel] * tensors
-    cuda = _backends.implementation("cuda", "cuda", torch.float32)
+    cuda = _backends.implementation(BACKEND, DEVICE, torch.float32)
     problems = [Problem(sizes, seed=s) for s in range(4)]
     variants = {"cuda_checked": problems[0].op_step(cuda, "adamw", True),
                 "cuda": problems[0].op_step(cuda, "adamw", False),
@@ -292,7 +324,7 @@ def run_small(tensors, numel, rounds, calls, triton):
                  variant=name, ms=ms[name], vs_torch_adamw_alone=ms[name] / base,
                  launches=launches_per_call(fn)) for name, fn in variants.items()]
     del problems
-    torch.cuda.empty_cache()
+    empty_cache()
     return rows
 
 
@@ -312,7 +344,8 @@ def verdicts(large, small):
             if backend == "cuda":
                 out.append(dict(backend=backend, target=f"{row['optimizer']}: <= 4 launches",
                                 value=str(row["launches"]),
-                                ok=row["launches"] <= TARGETS["launches"]))
+                                ok=row["launches"] is not None
+                                and row["launches"] <= TARGETS["launches"]))
         for row in small:
             if row["variant"] == backend:
                 out.append(dict(backend=backend, target=f"{row['problem']}: <= 2x torch AdamW",
@@ -354,27 +387,40 @@ def parse_args(argv=None):
     parser.add_argument("--tensors", type=int, default=200)
     parser.add_argument("--small-tensors", type=int, default=1000)
     parser.add_argument("--small-numel", type=int, default=4096)
-    return parser.parse_args(argv)
+    parser.add_argument("--cpu-smoke", action="store_true",
+                        help="run the script's logic on the CPU at tiny sizes (no GPU needed; "
+                             "the numbers mean nothing)")
+    args = parser.parse_args(argv)
+    if args.cpu_smoke:
+        args.numel_log2, args.tensors = min(args.numel_log2, 14), min(args.tensors, 20)
+        args.small_tensors, args.small_numel = min(args.small_tensors, 30), 256
+    return args
 
 
 def main(argv=None):
+    global DEVICE, BACKEND
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_gpu: no CUDA device visible; nothing to measure")
+    DEVICE = BACKEND = "cpu" if args.cpu_smoke else "cuda"
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        print("bench_gpu: no CUDA device visible; nothing to measure "
+              "(--cpu-smoke checks the script on the CPU)")
         return 2
-    built = _build.build("cuda")
+    built = _build.build(BACKEND)
     if not built.ok:
-        print(f"bench_gpu: the CUDA extension failed to build: {built.error} "
+        print(f"bench_gpu: the {BACKEND} extension failed to build: {built.error} "
               f"(log: {built.log_path})")
         return 1
     rounds, calls = (7, 5) if args.quick else (15, 10)
+    if args.cpu_smoke:
+        rounds, calls = 2, 1
     triton = triton_impl()
+    gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU smoke run (not a GPU)"
     meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"),
-                gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                gpu=gpu, torch=torch.__version__,
                 cuda=torch.version.cuda, triton=_version("triton"),
                 numel=1 << args.numel_log2, tensors=args.tensors, rounds=rounds, calls=calls,
                 build_seconds=built.seconds, triton_status="ok" if triton[0] else triton[1])
-    copy_bw = CopyBandwidth()
+    copy_bw = CopyBandwidth(1 << (20 if args.cpu_smoke else 30))
     large = []
     for optimizer in ("sgd", "adamw"):
         large += run_large(optimizer, 1 << args.numel_log2, args.tensors, rounds, calls, copy_bw,
