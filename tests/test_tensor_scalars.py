@@ -15,8 +15,8 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import gerne_kernels as gk
 from gerne_kernels import _backends, _ops
-from gerne_testing import (assert_same, loss_of, make_batches, make_model, require_cpu_build,
-                           snapshot, stash_step)
+from gerne_testing import (assert_same, lean_step, loss_of, make_batches, make_model,
+                           require_cpu_build, snapshot, stash_step)
 import triton_checks as checks
 
 OPS = ["sgd_step_", "adam_step_", "extrapolate_"]
@@ -134,6 +134,23 @@ def test_lr_scheduler_keeps_a_tensor_lr_and_the_float_path_bits(backend):
             stash_step(model, opt, x_b, x_lb)
             scheduler.step()
         assert isinstance(opt.param_groups[0]["lr"], torch.Tensor) == as_tensor
+        runs.append(snapshot(model, opt.state_dict()["state"]))
+    assert_same(*runs)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_lean_mode_takes_tensor_lr_and_beta(backend, name):
+    hyper = dict(OPTIMIZERS[name])
+    base_lr = hyper.pop("lr")
+    runs = []
+    for as_tensors in (False, True):
+        model = make_model()
+        lr = torch.tensor(base_lr, dtype=torch.float64) if as_tensors else base_lr
+        beta = torch.tensor(1.5, dtype=torch.float64) if as_tensors else 1.5
+        opt = gk.GERNE(model.parameters(), lr=lr, beta=beta, backend=backend, **hyper)
+        for step, (x_b, x_lb) in enumerate(make_batches(len(SCHEDULE))):
+            schedule_step(opt, step, base_lr, as_tensors)
+            lean_step(model, opt, x_b, x_lb)
         runs.append(snapshot(model, opt.state_dict()["state"]))
     assert_same(*runs)
 
