@@ -149,7 +149,12 @@ class GERNE(Optimizer):
     Args:
         params: parameters or param groups, as for any torch optimizer.
         optimizer: "sgd", "adam" or "adamw"; its hyperparameters are those of torch.optim.
-        beta: the extrapolation factor, >= -1 (per param group, schedulable like lr).
+        beta: the extrapolation factor, >= -1 (per param group, schedulable like lr). lr and
+            beta may be one-element tensors, changed in place by schedules: on the parameters'
+            device they keep a step free of host syncs, let a captured CUDA graph follow them
+            and never recompile a compiled step (there is no ``capturable`` flag: the cuda and
+            triton backends are always capturable). Tensors are range-checked when given, not
+            at each step.
         beta_bounds: optional (low, high), e.g. ``gk.beta_bounds(...)``; beta must stay inside.
         backend: "auto", "reference", "cpu", "cuda" or "triton".
         skip_nonfinite: skip a step (changing nothing) when g_b or g_lb holds inf or NaN.
