@@ -355,6 +355,22 @@ def verdicts(large, small):
     return out
 
 
+def auto_order(large, small):
+    """backend="auto"'s order on CUDA that this run supports: the backend faster in most of the
+    problems where both ran (ties to cuda), with the count; None when Triton did not run."""
+    times = {}
+    for row in large + small:
+        if row.get("variant") in ("cuda", "triton") and "ms" in row:
+            times.setdefault(row["problem"], {})[row["variant"]] = row["ms"]
+    both = [t for t in times.values() if len(t) == 2]
+    if not both:
+        return None
+    triton_wins = sum(t["triton"] < t["cuda"] for t in both)
+    order = ("triton", "cuda") if triton_wins > len(both) - triton_wins else ("cuda", "triton")
+    return dict(order=order, faster_first=max(triton_wins, len(both) - triton_wins),
+                problems=len(both))
+
+
 def markdown(meta, large, small, checks):
     lines = [f"GPU check {meta['date']}: {meta['gpu']}, torch {meta['torch']}, "
              f"triton {meta['triton']}, CUDA {meta['cuda']}", "",
@@ -375,6 +391,11 @@ def markdown(meta, large, small, checks):
     for c in checks:
         lines.append(f"| {c['backend']} | {c['target']} | {c['value']} | "
                      f"{'yes' if c['ok'] else 'NO'} |")
+    order = auto_order(large, small)
+    if order is not None:
+        lines += ["", f"backend=\"auto\" on CUDA, by this run: {' then '.join(order['order'])} "
+                      f"({order['order'][0]} faster in {order['faster_first']} of "
+                      f"{order['problems']} problems; _backends.AUTO_ORDER holds the order)."]
     return "\n".join(lines) + "\n"
 
 

@@ -38,3 +38,4 @@ def test_bench_gpu_runs_end_to_end_on_the_cpu(tmp_path):
     markdown = (tmp_path / "bench_gpu.md").read_text()
     assert "CPU smoke run (not a GPU)" in markdown
     assert markdown.count("| sgd, 2^14 params in 20 tensors |") == len(LARGE_VARIANTS)
+    assert 'backend="auto" on CUDA, by this run:' in markdown  # cuda and triton both ran
