@@ -20,11 +20,14 @@ def any_tensor(*values):
 
 
 def on_device(value, device):
-    """value (a float or a one-element tensor) as a float64 0-d tensor on device. A float is
-    filled in by a kernel (no copy, no sync); a tensor elsewhere is copied (put schedulable
-    tensors on the parameters' device to keep the step free of host syncs)."""
+    """value (a float or a one-element tensor) as a float64 0-d tensor on device. A float, or
+    a CPU tensor, is filled in by a kernel (no copy, no sync; a captured CUDA graph keeps that
+    value: put schedulable tensors on the parameters' device); a tensor on another accelerator
+    is copied."""
     if isinstance(value, torch.Tensor):
-        return value.detach().to(device=device, dtype=torch.float64).reshape(())
+        if value.device.type != "cpu" or torch.device(device).type == "cpu":
+            return value.detach().to(device=device, dtype=torch.float64).reshape(())
+        value = float(value)
     return torch.full((), float(value), dtype=torch.float64, device=device)
 
 

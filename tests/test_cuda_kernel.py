@@ -138,6 +138,11 @@ def test_unaligned_tensors_take_the_scalar_path(cuda_ops, dtype, kind):
 
 
 @pytest.mark.parametrize("op_name", ["sgd_step_", "adam_step_", "extrapolate_"])
+def test_found_inf_of_shape_one(op_name):
+    checks.check_found_inf_of_shape_one(op_name, DEVICE, torch.float32, SIZES, prefix="")
+
+
+@pytest.mark.parametrize("op_name", ["sgd_step_", "adam_step_", "extrapolate_"])
 @pytest.mark.parametrize("check_finite", [False, True])
 def test_found_inf_on_entry_changes_nothing(op_name, check_finite):
     found = checks.check_skipped(op_name, DEVICE, torch.float32, SIZES, found_on_entry=1.0,

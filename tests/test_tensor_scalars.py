@@ -46,6 +46,11 @@ def test_cpu_tensor_overload_matches_float_overload(cpu_ops, op_name, dtype, sca
 
 
 @pytest.mark.parametrize("op_name", OPS)
+def test_cpu_op_takes_a_found_inf_of_shape_one(cpu_ops, op_name):
+    checks.check_found_inf_of_shape_one(op_name, "cpu", torch.float32, [0, 5, 1025], prefix="")
+
+
+@pytest.mark.parametrize("op_name", OPS)
 def test_reference_takes_tensor_scalars(op_name):
     _, reference, args, kwargs = checks.problem_for(op_name, "cpu", torch.float32, [3, 40])
     results = []
@@ -287,3 +292,35 @@ def test_step_with_device_lr_and_beta_never_syncs(backend_name, name):
         runs.append([p.detach().clone() for p in model.parameters()])
     for p, q in zip(*runs):
         assert torch.equal(p, q)
+
+
+@gpu
+@pytest.mark.parametrize("backend_name", ["cuda", "triton"])
+@pytest.mark.parametrize("op_name", OPS)
+def test_gpu_op_takes_cpu_scalar_tensors_without_syncing(backend_name, op_name):
+    """lr and the scales as CPU tensors (as an LR scheduler may hold them) are read on the host:
+    no device synchronisation, and the float overload's bits."""
+    if backend_name not in gpu_backends():
+        pytest.skip(f"the {backend_name} backend is unavailable")
+    prefix = "" if backend_name == "cuda" else "triton_"
+    _, _, args, kwargs = checks.problem_for(op_name, "cuda", torch.float32, [1, 4096, 65537],
+                                            prefix=prefix)
+    results = []
+    for overload in ("default", "tensor"):
+        call_args = copy.deepcopy(args)
+        scalars = {k: torch.tensor(v, dtype=torch.float64) if overload == "tensor" else v
+                   for k, v in kwargs.items() if k in _ops.TENSOR_SCALARS}
+        op = checks.fused_op(op_name, prefix, overload)
+        op(*call_args, torch.zeros((), device="cuda"), **dict(kwargs, **scalars),
+           check_finite=True)  # warm-up: compiles, fills the table caches
+        call_args = copy.deepcopy(args)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            op(*call_args, torch.zeros((), device="cuda"), **dict(kwargs, **scalars),
+               check_finite=True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        results.append(call_args)
+    for a, b in zip(*results):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))

@@ -19,9 +19,10 @@ import torch
 
 import gerne_kernels
 from gerne_kernels import _reference
-from triton_checks import (ADAM_HYPERS, SGD_HYPERS, adam_state, check_adam, check_extrapolate,
-                           check_gerne_against_torch_optim, check_sgd, check_skipped,
-                           fused_op, gradients, random_tensors, scales)
+from triton_checks import (ADAM_HYPERS, SGD_HYPERS, adam_state, check_adam,
+                           check_capture_with_cold_tables, check_extrapolate,
+                           check_found_inf_of_shape_one, check_gerne_against_torch_optim,
+                           check_sgd, check_skipped, fused_op, gradients, random_tensors, scales)
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -225,6 +226,18 @@ def test_tensor_beyond_two_to_the_31_elements():
     assert out[0].item() == 3.0 and out[2 ** 31 - 1].item() == 3.0
     assert out[-3:].tolist() == [1.0, 0.0, -1.0]
     del g_b, g_lb, out
+
+
+@gpu
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_capture_with_cold_tables_launches_per_tensor(kind):
+    check_capture_with_cold_tables(kind)
+
+
+@gpu
+@pytest.mark.parametrize("op_name", ["sgd_step_", "adam_step_", "extrapolate_"])
+def test_found_inf_of_shape_one_on_gpu(mode, op_name):
+    check_found_inf_of_shape_one(op_name, "cuda", torch.float32, GPU_SIZES)
 
 
 @gpu

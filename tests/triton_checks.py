@@ -355,3 +355,76 @@ def check_graph_follows_tensor_scalars(kind, prefix="triton_"):
     graph.replay()  # skipped on the device
     torch.cuda.synchronize()
     assert all(torch.equal(a, b) for a, b in zip(params, before))
+
+
+def check_found_inf_of_shape_one(op_name, device, dtype, sizes, *, prefix="triton_"):
+    """found_inf may be any one-element float32 tensor (GradScaler's per-device flags have shape
+    (1,)): the op then gives what it gives with a 0-d found_inf, and a skip still skips."""
+    op, reference, args, kwargs = problem_for(op_name, device, dtype, sizes, prefix=prefix)
+    outcomes = []
+    for function, found_inf in ((op, torch.zeros(1, device=device)),
+                                (reference, torch.zeros((), device=device)),
+                                (op, torch.ones(1, device=device))):
+        call_args = copy.deepcopy(args)
+        function(*call_args, found_inf, **kwargs, check_finite=True)
+        outcomes.append(call_args)
+    for i, (a, b) in enumerate(zip(outcomes[0], outcomes[1])):
+        assert_all_close(a, b, dtype, f"argument {i}")
+    for a, b in zip(outcomes[2], args):
+        assert all(torch.equal(x, y) for x, y in zip(a, b)), "a skipped step changed something"
+
+
+def check_capture_with_cold_tables(kind):
+    """A Triton step captured before any eager call with these tensors (whole-iteration capture
+    allocates gradients from the graph's pool: new addresses, no cached tables) launches per
+    tensor inside the graph; its replays match the reference, and an eager call after the
+    capture, before any replay, is not handed a table that only a replay would fill."""
+    from gerne_kernels.triton_kernels import _launch
+
+    sizes = [4096, 1, 70_001, 33]
+    generator = torch.Generator().manual_seed(13)
+
+    def make_state():
+        if kind == "sgd":
+            return [random_tensors(sizes, torch.float32, "cuda", generator)]
+        return list(adam_state(sizes, torch.float32, "cuda", generator, True, (0, 2)))
+
+    if kind == "sgd":
+        hyper = dict(SGD_HYPERS[3], is_first_step=False)
+        op, reference = fused_op("sgd_step_"), _reference.sgd_step_
+    else:
+        hyper = dict(ADAM_HYPERS[3])
+        op, reference = fused_op("adam_step_"), _reference.adam_step_
+    scale_b, scale_lb = scales(1.0)
+    kwargs = dict(hyper, scale_b=scale_b, scale_lb=scale_lb, check_finite=True)
+    # Compile the kernels on other tensors, so that only the tables are cold.
+    warm = random_tensors(sizes, torch.float32, "cuda", generator)
+    (warm_b, warm_lb), = gradients(sizes, torch.float32, "cuda", generator, 1)
+    op(warm, warm_b, warm_lb, *make_state(), torch.zeros((), device="cuda"), **kwargs)
+    params = random_tensors(sizes, torch.float32, "cuda", generator)
+    (g_b, g_lb), = gradients(sizes, torch.float32, "cuda", generator, 1)
+    state = make_state()
+    initial = copy.deepcopy((params, state))
+    found_inf = torch.zeros((), device="cuda")
+    for cache in (_launch._pointer_tables, _launch._chunk_tables):
+        cache.recent.clear()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        op(params, g_b, g_lb, *state, found_inf, **kwargs)
+    # Eager, before any replay, with the same sizes (the same chunk table key).
+    eager_params, eager_state = copy.deepcopy(initial)
+    op(eager_params, g_b, g_lb, *eager_state, torch.zeros((), device="cuda"), **kwargs)
+    expected_params, expected_state = copy.deepcopy(initial)
+    reference(expected_params, g_b, g_lb, *expected_state, torch.zeros((), device="cuda"),
+              **kwargs)
+    for a, e in zip(eager_params + sum(eager_state, []),
+                    expected_params + sum(expected_state, [])):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+    expected_params, expected_state = copy.deepcopy(initial)
+    for _ in range(3):
+        graph.replay()
+        reference(expected_params, g_b, g_lb, *expected_state, torch.zeros((), device="cuda"),
+                  **kwargs)
+    torch.cuda.synchronize()
+    for a, e in zip(params + sum(state, []), expected_params + sum(expected_state, [])):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)

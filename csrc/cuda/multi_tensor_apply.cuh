@@ -169,7 +169,8 @@ template <typename scalar_t, int N, typename Extra, typename Op>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<scalar_t>)
     multi_tensor_kernel(const __grid_constant__ TensorTable<N, Extra> table, const Op op,
                         const float* found_inf) {
-  if (found_inf != nullptr && *found_inf != 0.0f) return;
+  // volatile: in the finiteness scan, other blocks of this launch may be storing 1 into it.
+  if (found_inf != nullptr && *static_cast<const volatile float*>(found_inf) != 0.0f) return;
   const int block = static_cast<int>(blockIdx.x);
   const int t = tensor_of_block(table.chunk_end, table.size, block);
   const int first_chunk = t == 0 ? 0 : table.chunk_end[t - 1];

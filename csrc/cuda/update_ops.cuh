@@ -21,8 +21,9 @@ enum ExtrapolateStream {
 constexpr uint32_t stream_bit(int j) { return 1u << j; }
 
 // lr, scale_b and scale_lb in device memory (the ops' .tensor overloads), as float64; a null
-// pointer means the op carries that value itself. Each block reads them once, in for_tensor,
-// so a captured CUDA graph sees the values of the moment it is replayed.
+// pointer means the op carries that value itself. Each thread reads them once, in for_tensor
+// (cached loads of a few bytes), so a captured CUDA graph sees the values of the moment it is
+// replayed.
 struct DeviceScalars {
   const double* lr = nullptr;
   const double* scale_b = nullptr;

@@ -12,7 +12,9 @@ Two launch strategies, selected by ``gerne_kernels.triton_kernels.LAUNCH_MODE``:
     on the host alone, while the pointer table costs one small host-to-device copy (cached:
     the tables are pure data, keyed by their contents, and addresses repeat between steps).
     Either way the Python side checks and reads every tensor, about 1 us per tensor and role on
-    the 2-core CI machine; for many small tensors capture the step in a CUDA graph.
+    the 2-core CI machine; for many small tensors capture the step in a CUDA graph. A capture
+    whose tables are not cached yet (no eager step with these tensors before it) launches per
+    tensor instead: see _TableCache.
 ``"per_tensor"``: one launch per tensor with the tensors as ordinary kernel arguments. Triton
     then specialises on pointer alignment by itself; kept so that the GPU benchmark
     (benchmarks/bench_gpu.py) can compare both, and as the path the interpreter takes for
@@ -23,6 +25,7 @@ no autotuning, so no tuning run ever replays an in-place update.
 """
 
 import collections
+import functools
 import operator
 import struct
 import sys
@@ -57,6 +60,22 @@ def mode_for(found_inf, dtypes):
     if None in dtypes.values() or (interpret and found_inf.device.type != "cpu"):
         mode = "per_tensor"
     return mode, block, num_warps
+
+
+def on_found_inf_device(found_inf_index):
+    """Decorates an op so that it runs with found_inf's CUDA device current: Triton launches on
+    the current device and stream (the C++ ops set a device guard likewise)."""
+    def decorate(op):
+        @functools.wraps(op)
+        def run(*args, **kwargs):
+            found_inf = (args[found_inf_index] if len(args) > found_inf_index
+                         else kwargs["found_inf"])
+            if found_inf.is_cuda and found_inf.device.index != torch.cuda.current_device():
+                with torch.cuda.device(found_inf.device):
+                    return op(*args, **kwargs)
+            return op(*args, **kwargs)
+        return run
+    return decorate
 
 
 def fp32(x):
@@ -147,34 +166,42 @@ def first_nonempty(tensors, default):
 
 class _TableCache:
     """Device copies of small host tables, keyed by their full contents (so a hit is the same
-    data by construction). Tables built during CUDA graph capture are kept for the life of the
-    process: the captured copy reads their pinned host buffer on every replay."""
+    data by construction), the most recent ones kept.
+
+    CUDA graph capture never builds a table: a copy recorded into a graph runs only when the
+    graph is first replayed, so the table would be unfilled for whoever got it before (and
+    pinning the host side during capture is not safe on every supported torch). A miss during
+    capture returns None and the op launches per tensor instead, with the tensors as plain
+    kernel arguments; a hit is kept for the life of the process, since the graph reads it at
+    every replay. A table used on another stream than the one it was made on is marked with
+    record_stream, so that its eviction cannot recycle the memory under a queued kernel."""
 
     def __init__(self, size):
         self.size = size
-        self.recent = collections.OrderedDict()
-        self.captured = {}
+        self.recent = collections.OrderedDict()  # key -> (table, stream it was made on)
+        self.captured = {}  # key -> table that a captured graph reads
 
     def get(self, key, device, build_host):
-        table = self.captured.get(key)
-        if table is not None:
-            return table
-        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        table = self.recent.pop(key, None) if capturing else self.recent.get(key)
-        if table is None:
+        """The table, or None for a miss during CUDA graph capture."""
+        on_cuda = device.type == "cuda"
+        capturing = on_cuda and torch.cuda.is_current_stream_capturing()
+        entry = self.recent.get(key)
+        if entry is None:
+            table = self.captured.get(key)
+            if table is not None:
+                return table  # filled before its capture and never freed: any stream, any time
+            if capturing:
+                return None
             host = build_host()
-            if device.type == "cpu":
-                table = host
-            elif capturing:  # a pageable copy cannot be captured; a pinned one can
-                host = host.pin_memory()
-                self.captured[(key, "host")] = host
-                table = host.to(device, non_blocking=True)
-            else:
-                table = host.to(device, non_blocking=True)
+            table = host.to(device, non_blocking=True) if on_cuda else host
+            entry = (table, torch.cuda.current_stream(device) if on_cuda else None)
+        table, stream = entry
         if capturing:
-            self.captured[key] = table  # a captured graph reads it on every replay
+            self.captured[key] = table
             return table
-        self.recent[key] = table
+        if on_cuda and stream != torch.cuda.current_stream(device):
+            table.record_stream(torch.cuda.current_stream(device))
+        self.recent[key] = entry
         self.recent.move_to_end(key)
         if len(self.recent) > self.size:
             self.recent.popitem(last=False)
@@ -186,7 +213,8 @@ _chunk_tables = _TableCache(_TABLE_CACHE_SIZE)
 
 
 def pointer_table(device, columns, numels, unchecked_columns=()):
-    """(table, aligned): table is int64 [n, len(columns) + 1], row i = (data_ptr of
+    """(table, aligned): table (None for a miss during CUDA graph capture) is int64
+    [n, len(columns) + 1], row i = (data_ptr of
     columns[c][i] for each c, numel_i); a column given as None holds zeros (a role the kernel
     never touches). aligned: every non-empty tensor starts on a 16-byte boundary, so the kernel
     may promise the compiler that (vector loads), as Triton does itself for plain arguments;
@@ -207,7 +235,8 @@ def pointer_table(device, columns, numels, unchecked_columns=()):
 
 def chunk_table(device, numels, block):
     """int32 [num_chunks, 2]: program k processes chunk table[k, 1] (of BLOCK elements) of the
-    tensor in row table[k, 0]; empty tensors get no program."""
+    tensor in row table[k, 0]; empty tensors get no program. None for a miss during CUDA graph
+    capture."""
     key = (device, block, tuple(numels))
 
     def build_host():
@@ -222,12 +251,16 @@ def prepare_multi_tensor(found_inf, columns, numels, *, g_b_column, g_lb_column,
     """The tables of one multi-tensor launch, after the optional non-finite pass over them.
 
     Returns (table, chunks, aligned, likes): likes[c] is a non-empty tensor of column c, passed
-    to the kernel only to type that column's pointers (the first column's where c has none)."""
+    to the kernel only to type that column's pointers (the first column's where c has none); or
+    None, having launched nothing, where a table would have to be built during CUDA graph
+    capture (the caller then launches per tensor)."""
     from .finite_check import flag_nonfinite_multi_tensor
 
     device = found_inf.device
     table, aligned = pointer_table(device, columns, numels, unchecked_columns)
     chunks = chunk_table(device, numels, block)
+    if table is None or chunks is None:
+        return None  # a new table during CUDA graph capture: launch per tensor
     default = first_nonempty(columns[0], columns[0][0])
     likes = [default if col is None else first_nonempty(col, default) for col in columns]
     if check_finite:

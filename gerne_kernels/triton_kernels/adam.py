@@ -126,9 +126,10 @@ def _adam_per_tensor_kernel(p_ptr, g_b_ptr, g_lb_ptr, m_ptr, v_ptr, vmax_ptr, st
 def increment_steps_(state_steps, found_inf):
     """state_steps[i] += 1 unless the step is skipped, on the device: += (found_inf == 0)."""
     if state_steps:
-        torch._foreach_add_(state_steps, (found_inf == 0).to(torch.float32))
+        torch._foreach_add_(state_steps, (found_inf == 0).to(torch.float32).reshape(()))
 
 
+@_launch.on_found_inf_device(7)
 def adam_step_(params, grads_b, grads_lb, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
                found_inf, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
                decoupled_weight_decay, scale_b, scale_lb, check_finite):
@@ -166,11 +167,14 @@ def adam_step_(params, grads_b, grads_lb, exp_avgs, exp_avg_sqs, max_exp_avg_sqs
                  MAXIMIZE=bool(maximize), DECOUPLED_WEIGHT_DECAY=bool(decoupled_weight_decay),
                  SCALARS_IN_MEMORY=tensor_scalars)
     maxima = max_exp_avg_sqs if amsgrad else None
+    prepared = None
     if mode == "multi_tensor":
-        table, chunks, aligned, likes = _launch.prepare_multi_tensor(
+        prepared = _launch.prepare_multi_tensor(
             found_inf, [params, grads_b, grads_lb, exp_avgs, exp_avg_sqs, maxima, state_steps],
             numels, g_b_column=G_B.value, g_lb_column=G_LB.value, check_finite=check_finite,
             block=block, num_warps=num_warps, unchecked_columns=(STEP.value,))
+    if prepared is not None:
+        table, chunks, aligned, likes = prepared
         increment_steps_(state_steps, found_inf)
         if chunks.shape[0]:
             _adam_multi_tensor_kernel[(chunks.shape[0],)](

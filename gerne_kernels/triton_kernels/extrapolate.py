@@ -65,6 +65,7 @@ def _extrapolate_per_tensor_kernel(out_ptr, g_b_ptr, g_lb_ptr, found_inf_ptr, nu
                       scale_lb, BLOCK, SCALARS_IN_MEMORY)
 
 
+@_launch.on_found_inf_device(3)
 def extrapolate_(out, grads_b, grads_lb, found_inf, *, scale_b, scale_lb, check_finite):
     """The Triton implementation of gerne_kernels::triton_extrapolate_, both overloads (schema
     in _ops.py): scale_b and scale_lb are floats, or tensors for .tensor."""
@@ -81,11 +82,14 @@ def extrapolate_(out, grads_b, grads_lb, found_inf, *, scale_b, scale_lb, check_
     else:
         scalars = dict(scale_b=float(scale_b), scale_lb=float(scale_lb))
     scalars["SCALARS_IN_MEMORY"] = tensor_scalars
+    prepared = None
     if mode == "multi_tensor":
-        table, chunks, aligned, likes = _launch.prepare_multi_tensor(
+        prepared = _launch.prepare_multi_tensor(
             found_inf, [out, grads_b, grads_lb], numels, g_b_column=G_B.value,
             g_lb_column=G_LB.value, check_finite=check_finite, block=block,
             num_warps=num_warps)
+    if prepared is not None:
+        table, chunks, aligned, likes = prepared
         if chunks.shape[0]:
             _extrapolate_multi_tensor_kernel[(chunks.shape[0],)](
                 table, chunks, found_inf, *likes, **scalars, BLOCK=block, ALIGNED=aligned,

@@ -97,6 +97,7 @@ def _sgd_per_tensor_kernel(p_ptr, g_b_ptr, g_lb_ptr, buf_ptr, found_inf_ptr, num
               HAS_WEIGHT_DECAY, NESTEROV, MAXIMIZE, IS_FIRST_STEP, SCALARS_IN_MEMORY)
 
 
+@_launch.on_found_inf_device(4)
 def sgd_step_(params, grads_b, grads_lb, momentum_buffers, found_inf, *, lr, momentum,
               dampening, nesterov, weight_decay, maximize, is_first_step, scale_b, scale_lb,
               check_finite):
@@ -124,11 +125,14 @@ def sgd_step_(params, grads_b, grads_lb, momentum_buffers, found_inf, *, lr, mom
                  NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize),
                  IS_FIRST_STEP=bool(is_first_step), SCALARS_IN_MEMORY=tensor_scalars)
     buffers = momentum_buffers if has_momentum else None
+    prepared = None
     if mode == "multi_tensor":
-        table, chunks, aligned, likes = _launch.prepare_multi_tensor(
+        prepared = _launch.prepare_multi_tensor(
             found_inf, [params, grads_b, grads_lb, buffers], numels, g_b_column=G_B.value,
             g_lb_column=G_LB.value, check_finite=check_finite, block=block,
             num_warps=num_warps)
+    if prepared is not None:
+        table, chunks, aligned, likes = prepared
         if chunks.shape[0]:
             _sgd_multi_tensor_kernel[(chunks.shape[0],)](
                 table, chunks, found_inf, *likes, **scalars, BLOCK=block, ALIGNED=aligned,

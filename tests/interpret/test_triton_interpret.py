@@ -8,7 +8,8 @@ import torch
 import gerne_kernels.triton_kernels as tk
 from gerne_kernels import _reference
 from triton_checks import (ADAM_HYPERS, SGD_HYPERS, check_adam, check_extrapolate, check_sgd,
-                           check_skipped, check_tensor_scalars, fused_op, problem_for)
+                           check_found_inf_of_shape_one, check_skipped, check_tensor_scalars,
+                           fused_op, problem_for)
 
 assert tk.INTERPRET, "run with TRITON_INTERPRET=1 set before triton is imported"
 
@@ -163,3 +164,8 @@ def test_argument_errors():
 @pytest.mark.parametrize("scalar_dtype", [torch.float64, torch.float32], ids=str)
 def test_tensor_scalars_match_float_scalars(mode, op_name, scalar_dtype):
     check_tensor_scalars(op_name, "cpu", torch.float32, SIZES, scalar_dtype=scalar_dtype)
+
+
+@pytest.mark.parametrize("op_name", OPS)
+def test_found_inf_of_shape_one(mode, op_name):
+    check_found_inf_of_shape_one(op_name, "cpu", torch.float32, SIZES)
