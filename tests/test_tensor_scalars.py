@@ -324,3 +324,58 @@ def test_gpu_op_takes_cpu_scalar_tensors_without_syncing(backend_name, op_name):
         results.append(call_args)
     for a, b in zip(*results):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@gpu
+@pytest.mark.parametrize("backend_name", ["cuda", "triton"])
+def test_whole_training_step_captured_in_a_cuda_graph(backend_name):
+    """torch's whole-network capture recipe with GERNE: both forwards and backwards, the stash
+    and the step in one CUDA graph, with lr and beta as device tensors moved between replays;
+    the replays match eager steps given the same batches and values."""
+    if backend_name not in gpu_backends():
+        pytest.skip(f"the {backend_name} backend is unavailable")
+    base_lr, steps = 0.05, 8
+    batches = [(x_b.cuda(), x_lb.cuda()) for x_b, x_lb in make_batches(steps)]
+    values = [(base_lr * (0.9 ** i), 0.5 + 0.25 * (i % 3)) for i in range(steps)]
+    model, ref = make_model().cuda(), make_model().cuda()
+    lr = torch.tensor(base_lr, dtype=torch.float64, device="cuda")
+    beta = torch.tensor(values[0][1], dtype=torch.float64, device="cuda")
+    opt = gk.GERNE(model.parameters(), optimizer="sgd", lr=lr, momentum=0.9, beta=beta,
+                   backend=backend_name)
+    ref_opt = gk.GERNE(ref.parameters(), optimizer="sgd", lr=base_lr, momentum=0.9,
+                       beta=values[0][1], backend=backend_name)
+    static_b, static_lb = (x.clone() for x in batches[0])
+
+    def set_values(i):
+        lr.fill_(values[i][0])
+        beta.fill_(values[i][1])
+        ref_opt.param_groups[0]["lr"], ref_opt.param_groups[0]["beta"] = values[i]
+        static_b.copy_(batches[i][0])
+        static_lb.copy_(batches[i][1])
+
+    def training_step():
+        loss_of(model, static_b).backward()
+        opt.stash_biased()
+        loss_of(model, static_lb).backward()
+        opt.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: creates the state, compiles the kernels
+        for i in range(3):
+            set_values(i)
+            opt.zero_grad(set_to_none=True)
+            training_step()
+            stash_step(ref, ref_opt, *batches[i])
+    torch.cuda.current_stream().wait_stream(side)
+    opt.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        training_step()
+    for i in range(3, steps):
+        set_values(i)
+        graph.replay()
+        stash_step(ref, ref_opt, *batches[i])
+    torch.cuda.synchronize()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
