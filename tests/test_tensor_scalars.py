@@ -108,8 +108,10 @@ def schedule_step(opt, step, base_lr, as_tensors):
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_tensor_lr_and_beta_give_the_float_path_bits(backend, name):
-    """Schedules that move lr and beta each step: as floats, and as tensors updated in place."""
+@pytest.mark.parametrize("train_step", [stash_step, lean_step], ids=["stash", "lean"])
+def test_tensor_lr_and_beta_give_the_float_path_bits(backend, name, train_step):
+    """Schedules that move lr and beta each step: as floats, and as tensors updated in place,
+    in the stash mode and the memory-lean mode."""
     hyper = dict(OPTIMIZERS[name])
     base_lr = hyper.pop("lr")
     runs = []
@@ -120,7 +122,7 @@ def test_tensor_lr_and_beta_give_the_float_path_bits(backend, name):
         opt = gk.GERNE(model.parameters(), lr=lr, beta=beta, backend=backend, **hyper)
         for step, (x_b, x_lb) in enumerate(make_batches(len(SCHEDULE))):
             schedule_step(opt, step, base_lr, as_tensors)
-            stash_step(model, opt, x_b, x_lb)
+            train_step(model, opt, x_b, x_lb)
         if as_tensors:
             assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)
         runs.append(snapshot(model, opt.state_dict()["state"]))
@@ -139,23 +141,6 @@ def test_lr_scheduler_keeps_a_tensor_lr_and_the_float_path_bits(backend):
             stash_step(model, opt, x_b, x_lb)
             scheduler.step()
         assert isinstance(opt.param_groups[0]["lr"], torch.Tensor) == as_tensor
-        runs.append(snapshot(model, opt.state_dict()["state"]))
-    assert_same(*runs)
-
-
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_lean_mode_takes_tensor_lr_and_beta(backend, name):
-    hyper = dict(OPTIMIZERS[name])
-    base_lr = hyper.pop("lr")
-    runs = []
-    for as_tensors in (False, True):
-        model = make_model()
-        lr = torch.tensor(base_lr, dtype=torch.float64) if as_tensors else base_lr
-        beta = torch.tensor(1.5, dtype=torch.float64) if as_tensors else 1.5
-        opt = gk.GERNE(model.parameters(), lr=lr, beta=beta, backend=backend, **hyper)
-        for step, (x_b, x_lb) in enumerate(make_batches(len(SCHEDULE))):
-            schedule_step(opt, step, base_lr, as_tensors)
-            lean_step(model, opt, x_b, x_lb)
         runs.append(snapshot(model, opt.state_dict()["state"]))
     assert_same(*runs)
 

@@ -19,7 +19,7 @@ import triton.language as tl
 from . import _launch
 from .finite_check import flag_nonfinite_per_tensor
 from .math import set_bias_corrections, adam_update, extrapolated_grad
-from .scalars import in_memory, runtime_double, runtime_float
+from .scalars import launch_scalars, runtime_double, runtime_float
 from .storage import load_f32, store_f32
 from .tables import remaining_elements, table_pointer, update_chunk
 
@@ -147,16 +147,13 @@ def adam_step_(params, grads_b, grads_lb, exp_avgs, exp_avg_sqs, max_exp_avg_sqs
         return
     mode, block, num_warps = _launch.mode_for(found_inf, dtypes)
     beta1, beta2, weight_decay = float(beta1), float(beta2), float(weight_decay)
-    tensor_scalars = isinstance(lr, torch.Tensor)
-    if tensor_scalars:
-        scalars = in_memory(OP_NAME, found_inf, scale_b=scale_b, scale_lb=scale_lb, lr_hi=lr)
-        # 1 - lr * wd in float64 on the device, as torch.optim computes it on the host.
-        scalars.update(lr_lo=0.0, decay_factor=1.0 - scalars["lr_hi"] * weight_decay)
-    else:
-        lr = float(lr)
-        lr_hi, lr_lo = _launch.split_double(lr)
-        scalars = dict(scale_b=float(scale_b), scale_lb=float(scale_lb), lr_hi=lr_hi,
-                       lr_lo=lr_lo, decay_factor=1.0 - lr * weight_decay)
+    scalars, tensor_scalars = launch_scalars(OP_NAME, found_inf, scale_b=scale_b,
+                                             scale_lb=scale_lb, lr_hi=lr)
+    lr = scalars["lr_hi"]  # a float, or a float64 device tensor
+    # 1 - lr * wd in float64 (on the device for a tensor lr), as torch.optim computes it.
+    scalars.update(decay_factor=1.0 - lr * weight_decay, lr_lo=0.0)
+    if not tensor_scalars:
+        scalars["lr_hi"], scalars["lr_lo"] = _launch.split_double(lr)
     beta1_hi, beta1_lo = _launch.split_double(beta1)
     beta2_hi, beta2_lo = _launch.split_double(beta2)
     # Host-side scalars in double, rounded once to float32 at launch, as torch.optim does.

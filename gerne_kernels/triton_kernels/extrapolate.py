@@ -3,14 +3,13 @@ gradient alone (the wrapper around other optimizers feeds it to them). out[i] ma
 grads_lb[i]: each element is read before it is written, by the same program. The scales come by
 value or, for the .tensor overload, from device memory (scalars.py)."""
 
-import torch
 import triton
 import triton.language as tl
 
 from . import _launch
 from .finite_check import flag_nonfinite_per_tensor
 from .math import extrapolated_grad
-from .scalars import in_memory, runtime_float
+from .scalars import launch_scalars, runtime_float
 from .storage import load_f32, store_f32
 from .tables import remaining_elements, table_pointer, update_chunk
 
@@ -76,11 +75,8 @@ def extrapolate_(out, grads_b, grads_lb, found_inf, *, scale_b, scale_lb, check_
     if not out:
         return
     mode, block, num_warps = _launch.mode_for(found_inf, dtypes)
-    tensor_scalars = isinstance(scale_b, torch.Tensor)
-    if tensor_scalars:
-        scalars = in_memory(OP_NAME, found_inf, scale_b=scale_b, scale_lb=scale_lb)
-    else:
-        scalars = dict(scale_b=float(scale_b), scale_lb=float(scale_lb))
+    scalars, tensor_scalars = launch_scalars(OP_NAME, found_inf, scale_b=scale_b,
+                                             scale_lb=scale_lb)
     scalars["SCALARS_IN_MEMORY"] = tensor_scalars
     prepared = None
     if mode == "multi_tensor":

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _scalars
+
 
 @triton.jit
 def runtime_float(value_or_pointer, IN_MEMORY: tl.constexpr):
@@ -32,20 +34,18 @@ def runtime_double(hi_or_pointer, lo, IN_MEMORY: tl.constexpr):
     return value
 
 
-def in_memory(op_name, found_inf, **scalars):
-    """The .tensor overloads' scalars as float64 0-d tensors on the call's device (no copy
-    where they already are), checked: one element, float32 or float64. A CPU tensor for a GPU
-    call is read on the host and filled in on the device (a fill, not a synchronising copy;
-    a captured graph then keeps that value, as the C++ CUDA op does)."""
-    device = found_inf.device
+def launch_scalars(op_name, found_inf, **scalars):
+    """(values, in_memory): the op's runtime scalars as kernel arguments. Floats (the default
+    overload) stay Python floats; tensors (.tensor) become float64 0-d tensors on the call's
+    device (_scalars.on_device: no copy where they already are, a fill for CPU tensors),
+    checked: one element, float32 or float64."""
+    if not any(isinstance(t, torch.Tensor) for t in scalars.values()):
+        return {name: float(v) for name, v in scalars.items()}, False
     out = {}
     for name, t in scalars.items():
         if (not isinstance(t, torch.Tensor) or t.numel() != 1
                 or t.dtype not in (torch.float32, torch.float64)):
             raise TypeError(f"{op_name}: {name} must be a one-element float32 or float64 tensor "
                             f"(the .tensor overload), got {t!r}")
-        if t.device.type == "cpu" and device.type != "cpu":
-            out[name] = torch.full((), float(t), dtype=torch.float64, device=device)
-        else:
-            out[name] = t.to(device=device, dtype=torch.float64).reshape(())
-    return out
+        out[name] = _scalars.on_device(t, found_inf.device)
+    return out, True

@@ -6,14 +6,13 @@ for the .tensor overload, from device memory (scalars.py). Parameters and moment
 read and written in their own dtype (float32, bfloat16, float16); the math is float32.
 """
 
-import torch
 import triton
 import triton.language as tl
 
 from . import _launch
 from .finite_check import flag_nonfinite_per_tensor
 from .math import extrapolated_grad, sgd_update
-from .scalars import in_memory, runtime_float
+from .scalars import launch_scalars, runtime_float
 from .storage import load_f32, store_f32
 from .tables import remaining_elements, table_pointer, update_chunk
 
@@ -113,11 +112,8 @@ def sgd_step_(params, grads_b, grads_lb, momentum_buffers, found_inf, *, lr, mom
     if not params:
         return
     mode, block, num_warps = _launch.mode_for(found_inf, dtypes)
-    tensor_scalars = isinstance(lr, torch.Tensor)
-    if tensor_scalars:
-        scalars = in_memory(OP_NAME, found_inf, scale_b=scale_b, scale_lb=scale_lb, lr=lr)
-    else:
-        scalars = dict(scale_b=float(scale_b), scale_lb=float(scale_lb), lr=float(lr))
+    scalars, tensor_scalars = launch_scalars(OP_NAME, found_inf, scale_b=scale_b,
+                                             scale_lb=scale_lb, lr=lr)
     # Host-side scalars in double, rounded once to float32 at launch, as torch.optim does.
     scalars.update(momentum=float(momentum), one_minus_dampening=1.0 - float(dampening),
                    weight_decay=float(weight_decay))
