@@ -35,7 +35,9 @@ setup(
     extras_require={
         "demo": ["scikit-learn", "mlxtend", "matplotlib", "tqdm"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", "scikit-learn", "mlxtend",
-                 "matplotlib", "tqdm", "pillow"],
+                 "matplotlib", "tqdm", "pillow", "expecttest", "torchvision", "lightning>=2.4",
+                 "transformers>=4.46", "accelerate>=1.0", "timm>=1.0"],
+        "train": ["tqdm", "pillow", "torchvision", "transformers>=4.46"],
     },
     cmdclass={"build_py": BuildPyWithSources},
     entry_points={"console_scripts": ["gerne-kernels=gerne_kernels.__main__:main"]},
