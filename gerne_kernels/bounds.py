@@ -2,10 +2,14 @@
 
 In expectation GERNE weights group (y, a) by (Eq. 8)
 
-    p_ext(a | y) = alpha_ya + c * (beta + 1) * (1/A - alpha_ya),
+    p_ext(a | y) = alpha_ya + c * (beta + 1) * (1/A_y - alpha_ya),
 
-and beta is admissible when every ``p_ext(a|y)`` lies in [0, 1]. With
-``d_ya = 1/A - alpha_ya`` and, for each group with ``alpha_ya != 1/A``,
+and beta is admissible when every ``p_ext(a|y)`` lies in [0, 1]. ``A_y`` is the number
+of attribute values present in class y, the same ``A_y`` as the two-batch sampler's
+Eq. 4 (:mod:`gerne_kernels.sampler`, "Empty groups"): it is the paper's A when no group
+is empty. An empty group is drawn by neither batch (``p_ext = 0`` for every beta) and
+does not constrain beta. With ``d_ya = 1/A_y - alpha_ya`` and, for each non-empty group
+with ``alpha_ya != 1/A_y``,
 
     i1_ya = -alpha_ya / (c * d_ya) - 1          (p_ext = 0)
     i2_ya = (1 - alpha_ya) / (c * d_ya) - 1     (p_ext = 1)
@@ -15,16 +19,17 @@ the group allows ``beta in [min(i1, i2), max(i1, i2)]``; so
     beta_min = max over groups of min(i1_ya, i2_ya)
     beta_max = min over groups of max(i1_ya, i2_ya).
 
-Groups with ``alpha_ya == 1/A`` do not depend on beta and are skipped; if every group
-is balanced, beta is unbounded and the result is ``(-inf, inf)``. Empty groups
-(``alpha_ya = 0``) are *not* skipped: they give ``i1 = -1``.
+Groups with ``alpha_ya == 1/A_y`` do not depend on beta and are skipped; if every group
+is balanced, beta is unbounded and the result is ``(-inf, inf)``.
 
 The simplified form used in practice is ``[-1, beta_max]`` with beta_max taken at the
-group with the largest alpha: ``alpha_max / (c * (alpha_max - 1/A)) - 1``.
+group with the largest alpha: ``alpha_max / (c * (alpha_max - 1/A)) - 1``. (With
+``A_y`` varying between classes: the smallest over the classes of that value at the
+class's largest alpha, since it decreases in alpha for a fixed ``A_y``.)
 Worked example (Colored MNIST, 0.5 % minority): ``alpha_max = 0.995``, ``c = 0.5``,
 ``A = 10`` gives ``beta_max = 0.995 / (0.5 * 0.895) - 1 = 1.2235``.
 
-The bounds depend only on the training-set proportions, c and A.
+The bounds depend only on the training-set proportions, c and ``A_y``.
 """
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ from typing import Optional
 
 import torch
 
-from .sampler import group_counts, group_proportions
+from .sampler import attributes_per_class, group_counts, group_proportions
 
 __all__ = ["BetaBounds", "beta_bounds"]
 
@@ -96,9 +101,12 @@ def beta_bounds(labels=None, attributes=None, c: float = None, *, counts=None,
     proportional to them within each class, e.g. the alphas, work too). ``c`` in (0, 1] is the
     sampler's mixing factor. ``simplified=True`` returns ``(-1, beta_max)`` with
     beta_max from the group with the largest ``alpha`` (the form used in practice).
+    Empty groups are skipped and ``A_y`` counts the groups present in class y (module
+    docstring), as :class:`gerne_kernels.TwoBatchSampler` does.
 
-    If every group has ``alpha_ya == 1/A`` beta is unbounded: ``(-inf, inf)``
-    (``(-1, inf)`` when simplified). The ``source`` names c, A and the binding groups.
+    If every group has ``alpha_ya == 1/A_y`` beta is unbounded: ``(-inf, inf)``
+    (``(-1, inf)`` when simplified). The ``source`` names c, A (and the range of A_y
+    when some group is empty) and the binding groups.
     """
     if c is None:
         raise ValueError("c is required: beta_bounds(labels, attributes, c) or beta_bounds(counts=..., c=...)")
@@ -106,20 +114,27 @@ def beta_bounds(labels=None, attributes=None, c: float = None, *, counts=None,
     table = _counts_table(labels, attributes, counts, num_classes, num_attributes)
     alpha = group_proportions(table)
     n_a = alpha.shape[1]
-    d = 1.0 / n_a - alpha
-    # alpha == 1/A up to rounding of the division: such groups do not constrain beta
-    active = d.abs() > 1e-12
+    a_y = attributes_per_class(table)
+    present = alpha > 0
+    d = 1.0 / a_y.to(torch.float64).view(-1, 1) - alpha
+    # alpha == 1/A_y up to rounding of the division: such groups do not constrain beta
+    active = present & (d.abs() > 1e-12)
     origin = "group counts" if counts is not None else "labels and attributes"
-    head = f"Eq. 9 from {origin}, c={c:g}, A={n_a}"
+    a_text = f"A={n_a}" if bool((a_y == n_a).all()) else \
+        f"A={n_a}, A_y={int(a_y.min())}..{int(a_y.max())} over the groups present"
+    head = f"Eq. 9 from {origin}, c={c:g}, {a_text}"
     if simplified:
-        flat = int(torch.argmax(alpha))
-        y, a = divmod(flat, n_a)
-        a_max = float(alpha[y, a])
-        if not bool(active[y, a]):
+        # per class the largest alpha binds (alpha / (alpha - 1/A_y) decreases in alpha)
+        majority = active & (d < 0)
+        if not bool(majority.any()):
             return BetaBounds(-1.0, math.inf, f"{head} (simplified); all groups balanced, beta_max unbounded")
-        high = a_max / (c * (a_max - 1.0 / n_a)) - 1.0
-        return BetaBounds(-1.0, high, f"{head} (simplified [-1, beta_max]); "
-                                      f"binding group (y={y}, a={a}), alpha_max={a_max:.6g}")
+        safe = torch.where(majority, -d, torch.ones_like(d))
+        i1 = torch.where(majority, alpha / (c * safe) - 1.0, torch.full_like(d, math.inf))
+        flat = int(torch.argmin(i1))
+        y, a = divmod(flat, n_a)
+        return BetaBounds(-1.0, float(i1.view(-1)[flat]),
+                          f"{head} (simplified [-1, beta_max]); binding group (y={y}, a={a}), "
+                          f"alpha_max={float(alpha[y, a]):.6g}")
     if not bool(active.any()):
         return BetaBounds(-math.inf, math.inf, f"{head}; all groups balanced, beta unbounded")
     safe_d = torch.where(active, d, torch.ones_like(d))

@@ -8,9 +8,25 @@ with ``batch_size`` samples per class:
   ``p_b(a | y) = alpha_ya`` (no attribute labels needed);
 * the less-biased batch ``B_lb`` draws the group ``a`` of class ``y`` with probability
 
-      p_lb(a | y) = (1 - c) * alpha_ya + c / A,        c in (0, 1]       (Eq. 4)
+      p_lb(a | y) = (1 - c) * alpha_ya + c / A_y   if |X_ya| > 0,        c in (0, 1]
+      p_lb(a | y) = 0                              if |X_ya| = 0         (Eq. 4)
 
   then a sample uniformly inside that group; ``c = 1`` is group-balanced.
+
+Empty groups (the generalization of Eq. 4)
+------------------------------------------
+The paper writes Eq. 4 with ``c / A`` for every group, which presumes that every class
+has samples of every attribute value. Real bias-conflicting data is sparse: the LfF
+Colored MNIST at 0.5 % has about 27 conflicting digits per class spread over 9 colors,
+so some (digit, color) groups are empty by chance, and Eq. 4 would ask ``B_lb`` to draw
+from a group with nothing in it. Here ``A_y`` is the number of attribute values
+*present* in class y and the ``c / A_y`` share goes to the present groups only:
+``p_lb(.|y)`` still sums to one, is group-balanced over what exists when ``c = 1``,
+equals the paper's Eq. 4 whenever no group is empty, and never draws an empty group
+(nor does ``B_b``, since ``alpha_ya = 0`` there). :func:`gerne_kernels.beta_bounds`
+uses the same ``A_y``, so the bounds on beta describe the batches actually drawn. The
+sampler warns once, at construction, and lists the empty groups in ``empty_groups``.
+A class without any sample has no ``alpha_ya`` at all and stays an error.
 
 Rounding rule (the paper leaves it open): group indices are *sampled* i.i.d. with
 these probabilities, and samples i.i.d. (with replacement) inside the class or group,
@@ -39,7 +55,8 @@ yields is the concatenation ``B_b || B_lb`` (two halves of equal size
 from __future__ import annotations
 
 import math
-from typing import Iterator, Optional, Sequence, Tuple
+import warnings
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -47,6 +64,7 @@ __all__ = [
     "group_counts",
     "group_proportions",
     "lb_group_probabilities",
+    "attributes_per_class",
     "ClassBalancedSampler",
     "TwoBatchSampler",
     "ConcatBatchSampler",
@@ -108,10 +126,18 @@ def group_proportions(counts: torch.Tensor) -> torch.Tensor:
     return counts / per_class
 
 
+def attributes_per_class(counts: torch.Tensor) -> torch.Tensor:
+    """``A_y``: how many attribute values have at least one sample in class y, int64 (K,)."""
+    return (torch.as_tensor(counts) > 0).sum(dim=1)
+
+
 def lb_group_probabilities(counts: torch.Tensor, c: float) -> torch.Tensor:
-    """``p_lb(a | y) = (1 - c) * alpha_ya + c / A`` (Eq. 4), float64 (K x A)."""
+    """Eq. 4 over the groups present, float64 (K x A):
+    ``p_lb(a | y) = (1 - c) * alpha_ya + c / A_y`` where ``|X_ya| > 0``, else 0."""
     alpha = group_proportions(counts)
-    return (1.0 - c) * alpha + c / alpha.shape[1]
+    present = alpha > 0
+    a_y = present.sum(dim=1, keepdim=True).to(torch.float64)
+    return torch.where(present, (1.0 - c) * alpha + c / a_y, torch.zeros_like(alpha))
 
 
 def _check_batch_size(batch_size) -> int:
@@ -201,8 +227,12 @@ class TwoBatchSampler(ClassBalancedSampler):
         Overrides ``len()`` (default ``ceil(N / (K * batch_size))``).
 
     Each index tensor is class-major: ``batch_size`` indices of class 0, then class 1...
-    A group that ``B_lb`` can draw (``p_lb > 0``, always the case for ``c > 0``) must
-    have at least one sample; an empty group raises ``ValueError``.
+    Groups without samples are never drawn: ``B_lb`` spreads ``c`` over the ``A_y``
+    attribute values present in class y (module docstring, "Empty groups"); they are
+    listed in ``empty_groups`` with one warning. A class without samples is an error.
+
+    Attributes: ``counts`` (K x A), ``alpha`` and ``p_lb`` (float64, K x A),
+    ``attributes_per_class`` (``A_y``, K), ``empty_groups`` (list of ``(y, a)``).
     """
 
     def __init__(self, labels, attributes, batch_size: int, c: float,
@@ -220,20 +250,23 @@ class TwoBatchSampler(ClassBalancedSampler):
         self.counts = counts
         self.alpha = group_proportions(counts)
         self.p_lb = lb_group_probabilities(counts, self.c)
-        missing = torch.nonzero((counts == 0) & (self.p_lb > 0))
-        if missing.numel():
-            groups = ", ".join(f"(y={int(g[0])}, a={int(g[1])})" for g in missing[:10])
-            more = "" if missing.shape[0] <= 10 else f" and {missing.shape[0] - 10} more"
-            raise ValueError(
-                f"attributes: group(s) {groups}{more} have no samples but B_lb draws them with "
-                f"probability (1 - c) * alpha + c / A = {self.c / self.num_attributes:.4g} > 0 "
-                "(Eq. 4); drop that attribute value for the class, merge groups, or pass "
-                "num_attributes matching the values actually used")
+        self.attributes_per_class = attributes_per_class(counts)
+        self.empty_groups: List[Tuple[int, int]] = [
+            (int(g[0]), int(g[1])) for g in torch.nonzero(counts == 0)]
+        if self.empty_groups:
+            warnings.warn(_empty_groups_message(self.empty_groups, self.attributes_per_class),
+                          stacklevel=2)
         n_a = self.num_attributes
         self._group_sorted = torch.argsort(y * n_a + a, stable=True)
         self._group_sizes = counts.view(-1)
         self._group_offsets = torch.cumsum(self._group_sizes, 0) - self._group_sizes
         self._class_base = (torch.arange(self.num_classes) * n_a).view(-1, 1)
+
+    def beta_bounds(self, simplified: bool = False):
+        """Eq. 9 for this sampler's group counts and c (same ``A_y``), a ``BetaBounds``."""
+        from .bounds import beta_bounds
+
+        return beta_bounds(counts=self.counts, c=self.c, simplified=simplified)
 
     def sample_lb(self) -> torch.Tensor:
         """One less-biased batch: a group ~ p_lb(.|y), then a uniform sample in it."""
@@ -250,6 +283,15 @@ class TwoBatchSampler(ClassBalancedSampler):
     def batch_sampler(self) -> "ConcatBatchSampler":
         """A ``DataLoader`` batch sampler yielding ``B_b || B_lb`` (split with ``.chunk(2)``)."""
         return ConcatBatchSampler(self)
+
+
+def _empty_groups_message(empty: List[Tuple[int, int]], a_y: torch.Tensor) -> str:
+    shown = ", ".join(f"(y={y}, a={a})" for y, a in empty[:10])
+    more = "" if len(empty) <= 10 else f" and {len(empty) - 10} more"
+    return (f"TwoBatchSampler: {len(empty)} group(s) have no samples: {shown}{more}. B_lb never "
+            "draws them; class y spreads c over the A_y attribute values it has, "
+            f"p_lb = (1 - c) * alpha + c / A_y (A_y from {int(a_y.min())} to {int(a_y.max())}); "
+            "the list is in sampler.empty_groups")
 
 
 class ConcatBatchSampler(torch.utils.data.Sampler):

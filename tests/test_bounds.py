@@ -89,12 +89,51 @@ def test_simplified_uses_largest_alpha():
     assert "(y=1, a=1)" in s.source
 
 
-def test_empty_group_constrains_lower_bound():
-    # alpha = 0 gives i1 = -1: the lower bound cannot go below -1
-    b = beta_bounds(counts=np.array([[10, 0], [5, 5]]), c=0.5)
-    assert b.low == pytest.approx(-1.0)
-    # alpha = 1: p_ext = 1 - c (beta + 1) / 2 >= 0 up to beta = 4 - 1 = 3
-    assert b.high == pytest.approx(3.0)
+def p_ext_present(counts, c, beta):
+    """Eq. 8 with A_y = number of non-empty groups of class y, float64 numpy; empty groups
+    are drawn by neither batch and get weight 0 whatever beta."""
+    counts = np.asarray(counts, dtype=np.float64)
+    alpha = counts / counts.sum(axis=1, keepdims=True)
+    a_y = (counts > 0).sum(axis=1, keepdims=True)
+    return np.where(counts > 0, alpha + c * (beta + 1) * (1 / a_y - alpha), 0.0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_empty_groups_are_skipped_with_a_y(seed):
+    rng = np.random.default_rng(10 + seed)
+    counts = rng.integers(1, 60, size=(4, 5))
+    counts[rng.random(counts.shape) < 0.3] = 0
+    counts[:, 0] = np.maximum(counts[:, 0], 1)  # no class empty
+    lo, hi = beta_bounds(counts=counts, c=0.5)
+    for beta in np.linspace(lo, hi, 7):
+        p = p_ext_present(counts, 0.5, beta)
+        assert p.min() >= -1e-12 and p.max() <= 1 + 1e-12
+    for edge, outside in ((hi, hi + 1e-6 * abs(hi)), (lo, lo - 1e-6 * abs(lo))):
+        p = p_ext_present(counts, 0.5, edge)
+        assert min(abs(p.min()), abs(1 - p.max())) < 1e-9
+        p = p_ext_present(counts, 0.5, outside)
+        assert p.min() < 0 or p.max() > 1
+
+
+def test_empty_group_by_hand():
+    # class 0 has one group present: A_0 = 1, alpha = 1 = 1/A_0, no constraint; class 1
+    # (alpha 0.9 / 0.1, A = 2): beta_max = 0.9 / (0.5 * 0.4) - 1 = 3.5
+    b = beta_bounds(counts=np.array([[10, 0], [9, 1]]), c=0.5)
+    assert b.high == pytest.approx(3.5, rel=1e-12)
+    assert "A_y=1..2" in b.source
+    s = beta_bounds(counts=np.array([[10, 0], [9, 1]]), c=0.5, simplified=True)
+    assert s.high == pytest.approx(3.5, rel=1e-12) and "(y=1, a=0)" in s.source
+    assert tuple(beta_bounds(counts=np.array([[10, 0], [5, 5]]), c=0.5)) == (-math.inf, math.inf)
+
+
+def test_simplified_takes_the_smallest_class_bound_when_a_y_differs():
+    # class 0: A_0 = 3, alpha_max 0.8 -> 0.8 / (0.5 (0.8 - 1/3)) - 1 = 2.4286
+    # class 1: A_1 = 2, alpha_max 0.9 -> 0.9 / (0.5 * 0.4) - 1 = 3.5 (larger alpha, looser)
+    counts = np.array([[80, 10, 10], [90, 10, 0]])
+    s = beta_bounds(counts=counts, c=0.5, simplified=True)
+    assert s.high == pytest.approx(0.8 / (0.5 * (0.8 - 1 / 3)) - 1, rel=1e-12)
+    assert "(y=0, a=0)" in s.source
+    assert s.high >= beta_bounds(counts=counts, c=0.5).high - 1e-12
 
 
 def test_betabounds_is_a_pair_with_source():

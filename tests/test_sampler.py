@@ -25,10 +25,14 @@ def dataset_from_counts(counts, seed=0):
 
 
 def oracle_p_lb(counts, c):
-    """Eq. 4 in float64 numpy, written independently of the package."""
+    """Eq. 4 in float64 numpy, written independently of the package: per class y the
+    share c is spread over the A_y groups that have samples, empty groups get 0."""
     counts = np.asarray(counts, dtype=np.float64)
-    alpha = counts / counts.sum(axis=1, keepdims=True)
-    return (1 - c) * alpha + c / counts.shape[1]
+    out = np.zeros_like(counts)
+    for k, row in enumerate(counts):
+        present = row > 0
+        out[k, present] = (1 - c) * row[present] / row.sum() + c / present.sum()
+    return out
 
 
 def assert_binomial(observed, n, p, sigmas=5.0):
@@ -37,6 +41,12 @@ def assert_binomial(observed, n, p, sigmas=5.0):
     sd = np.sqrt(n * p * (1 - p))
     dev = np.abs(observed - n * p)
     assert np.all(dev <= sigmas * sd + 1e-9), (observed, n * p, sd)
+
+
+def assert_drawn_like(table, draws_per_class, p):
+    """Each class's row of drawn group counts is binomial around draws_per_class * p[row]."""
+    for k in range(table.shape[0]):
+        assert_binomial(table[k], draws_per_class, p[k])
 
 
 def tally(sampler, steps, which):
@@ -79,10 +89,7 @@ def test_biased_batch_follows_alpha():
     y, a = dataset_from_counts(COUNTS)
     s = TwoBatchSampler(y, a, batch_size=20, c=0.5, generator=torch.Generator().manual_seed(1))
     steps = 400
-    table = tally(s, steps, "b")
-    alpha = COUNTS / COUNTS.sum(axis=1, keepdims=True)
-    for k in range(2):
-        assert_binomial(table[k], 20 * steps, alpha[k])
+    assert_drawn_like(tally(s, steps, "b"), 20 * steps, COUNTS / COUNTS.sum(axis=1, keepdims=True))
 
 
 @pytest.mark.parametrize("c", [0.3, 0.5, 1.0])
@@ -91,9 +98,7 @@ def test_less_biased_batch_follows_eq4(c):
     s = TwoBatchSampler(y, a, batch_size=20, c=c, generator=torch.Generator().manual_seed(2))
     steps = 400
     table = tally(s, steps, "lb")
-    p = oracle_p_lb(COUNTS, c)
-    for k in range(2):
-        assert_binomial(table[k], 20 * steps, p[k])
+    assert_drawn_like(table, 20 * steps, oracle_p_lb(COUNTS, c))
     if c == 1.0:  # group-balanced in expectation: every group 1/A of its class
         assert_binomial(table[0], 20 * steps, np.full(3, 1 / 3))
 
@@ -181,10 +186,83 @@ def test_rejects_class_without_samples():
         TwoBatchSampler(y, a, 2, 0.5)
 
 
-def test_rejects_empty_group_that_lb_would_draw():
-    y, a = torch.tensor([0, 0, 1, 1, 1]), torch.tensor([0, 1, 0, 0, 0])  # (y=1, a=1) empty
-    with pytest.raises(ValueError, match=r"\(y=1, a=1\)"):
-        TwoBatchSampler(y, a, 2, 0.5)
+# Class 0 lacks a=1, class 2 lacks a=0 and a=3: A_0 = 3, A_1 = 4, A_2 = 2.
+SPARSE = np.array([[60, 0, 4, 1],
+                   [30, 5, 5, 2],
+                   [0, 9, 41, 0]])
+
+
+def test_empty_groups_get_zero_and_present_ones_share_c():
+    for c in (0.25, 0.5, 1.0):
+        p = lb_group_probabilities(torch.tensor(SPARSE), c).numpy()
+        np.testing.assert_allclose(p, oracle_p_lb(SPARSE, c), rtol=0, atol=1e-15)
+        np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-15)
+        assert np.all(p[SPARSE == 0] == 0)
+    # by hand, class 2 with c = 1: group-balanced over its two present groups
+    np.testing.assert_allclose(lb_group_probabilities(torch.tensor(SPARSE), 1.0)[2].numpy(),
+                               [0, 0.5, 0.5, 0], atol=1e-15)
+
+
+@pytest.mark.parametrize("c", [0.5, 1.0])
+def test_sparse_groups_drawn_with_the_generalized_eq4(c):
+    y, a = dataset_from_counts(SPARSE)
+    with pytest.warns(UserWarning, match="3 group"):
+        s = TwoBatchSampler(y, a, batch_size=25, c=c, generator=torch.Generator().manual_seed(5))
+    steps = 400
+    table = tally(s, steps, "lb")
+    assert_drawn_like(table, 25 * steps, oracle_p_lb(SPARSE, c))
+    assert np.all(table[SPARSE == 0] == 0)
+    assert_drawn_like(tally(s, steps, "b"), 25 * steps, SPARSE / SPARSE.sum(axis=1, keepdims=True))
+
+
+def test_sampler_lists_empty_groups_and_warns_once():
+    y, a = dataset_from_counts(SPARSE)
+    with pytest.warns(UserWarning) as record:
+        s = TwoBatchSampler(y, a, 4, 0.5)
+        for _ in s:
+            pass
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert "(y=0, a=1)" in message and "(y=2, a=0)" in message and "(y=2, a=3)" in message
+    assert s.empty_groups == [(0, 1), (2, 0), (2, 3)]
+    assert s.attributes_per_class.tolist() == [3, 4, 2]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # complete groups: no warning
+        assert TwoBatchSampler(*dataset_from_counts(COUNTS), 4, 0.5).empty_groups == []
+
+
+def test_sampler_bounds_use_the_same_a_y():
+    """At beta_max the expected group weight (1 + beta) p_lb - beta p_b of the batches the
+    sampler draws touches 0 or 1, and stays in [0, 1] just below it."""
+    y, a = dataset_from_counts(SPARSE)
+    with pytest.warns(UserWarning):
+        s = TwoBatchSampler(y, a, 4, 0.5)
+    lo, hi = s.beta_bounds()
+    alpha = SPARSE / SPARSE.sum(axis=1, keepdims=True)
+    p = oracle_p_lb(SPARSE, 0.5)
+    for beta, edge in ((hi, True), (0.999 * hi, False), (lo, True)):
+        w = ((1 + beta) * p - beta * alpha)[SPARSE > 0]  # empty groups: 0 whatever beta
+        assert w.min() >= -1e-12 and w.max() <= 1 + 1e-12
+        assert (min(abs(w.min()), abs(1 - w.max())) < 1e-9) == edge
+    assert s.beta_bounds(simplified=True).high == pytest.approx(hi)
+
+
+def test_real_sparse_colored_mnist_is_accepted():
+    """The offline digits at 2 % minority with randomly drawn conflicting colors, one image
+    per sample (350 per class): many (digit, color) groups are empty by chance."""
+    from gerne_kernels.datasets import colored_mnist
+
+    d = colored_mnist("train", 0.02, size=7, assignment="random", n_per_class=350)
+    empty = int((group_counts(d.y, d.a) == 0).sum())
+    assert empty > 20
+    with pytest.warns(UserWarning, match=f"{empty} group"):
+        s = TwoBatchSampler(d.y, d.a, 8, 1.0, torch.Generator().manual_seed(0))
+    assert len(s.empty_groups) == empty
+    idx = torch.cat([s.sample_lb() for _ in range(50)])
+    drawn = set(zip(d.y[idx].tolist(), d.a[idx].tolist()))
+    assert drawn.isdisjoint(s.empty_groups)
 
 
 def test_rejects_negative_or_fractional_labels():
