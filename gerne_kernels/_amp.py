@@ -34,6 +34,16 @@ def driven_by_scaler(opt):
     return getattr(opt, "found_inf", None) is not None
 
 
+def found_inf_for(opt, device):
+    """A fresh float32 0-d flag on device: the driving GradScaler's found_inf (its check of
+    .grad), else 0."""
+    found = torch.zeros((), dtype=torch.float32, device=device)
+    scaler_found = getattr(opt, "found_inf", None)  # set only inside scaler.step(opt)
+    if scaler_found is not None:
+        found.add_(scaler_found.to(device=device, dtype=torch.float32))
+    return found
+
+
 def inverse_scales(opt, has_stash):
     """(inv_scale_b, inv_scale_lb): the factors that unscale the stash and .grad; 1.0 without
     a loss scale, else 1 / S as a float64 0-d tensor on the scaler's device (never read on the

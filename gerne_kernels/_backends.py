@@ -7,6 +7,7 @@ reference path with one warning when a build fails.
 """
 
 import dataclasses
+import functools
 import importlib
 import os
 import warnings
@@ -16,21 +17,23 @@ import torch
 from . import _build, _ops, _reference
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
-FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FUSED_DTYPES = _ops.FUSED_DTYPES
 AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
 
 
 @dataclasses.dataclass(frozen=True)
 class Implementation:
-    """The three ops of one backend, all with the signatures of ``_ops.py``."""
+    """One backend's ops, by their registry names (``_ops.OPS``), all with the signatures of
+    ``_ops.py``: ``impl.op("sgd_step_")``."""
     name: str
-    sgd_step_: object
-    adam_step_: object
-    extrapolate_: object
+    ops: dict
+
+    def op(self, name):
+        return self.ops[name]
 
 
-REFERENCE = Implementation("reference", _reference.sgd_step_, _reference.adam_step_,
-                           _reference.extrapolate_)
+REFERENCE = Implementation("reference", {spec.name: getattr(_reference, spec.name)
+                                         for spec in _ops.OPS})
 
 _status_cache = {}
 _warned = set()
@@ -79,11 +82,12 @@ def available_backends():
     return [name for name in BACKENDS[1:] if status(name)[0]]
 
 
+@functools.lru_cache(maxsize=None)
 def _fused(name, tensor_scalars):
-    prefix = "triton_" if name == "triton" else ""
     overload = "tensor" if tensor_scalars else "default"
-    return Implementation(name, *(_ops.op(prefix + op, overload)
-                                  for op in ("sgd_step_", "adam_step_", "extrapolate_")))
+    return Implementation(name, {
+        spec.name: _ops.op(spec.triton_name if name == "triton" else spec.name, overload)
+        for spec in _ops.OPS})
 
 
 def _unavailable_message(name, reason, built):
@@ -143,4 +147,5 @@ def implementation(backend, device_type, dtype, tensor_scalars=False):
 def reset():
     """Forget build results and warnings (tests use this with a throwaway cache)."""
     _status_cache.clear()
+    _fused.cache_clear()
     _warned.clear()

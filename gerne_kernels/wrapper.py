@@ -3,20 +3,22 @@
     .grad <- g = (1 + beta) * g_lb - beta * g_b        (one fused pass: extrapolate_)
     base_optimizer.step()
 
-The wrapper is a GERNE whose update is delegated: stash_biased(), the memory-lean mode,
-GradScaler support, inf/NaN skipping and statistics are GERNE's; step() forms g in .grad (reading
-g_b and g_lb once, writing g once, unscaling both under AMP) and calls ``base.step()``, unless an
-inf/NaN in either gradient skips the step. It shares ``param_groups`` with the base optimizer
-(each group gains a ``beta``), so LR and beta schedules work through either object.
+The wrapper is a two-batch optimizer (two_batch.py: stash_biased(), the memory-lean mode,
+GradScaler support, inf/NaN skipping and statistics) whose update is delegated: step() forms g
+in .grad (reading g_b and g_lb once, writing g once, unscaling both under AMP) and calls
+``base.step()``, unless an inf/NaN in either gradient skips the step. It shares
+``param_groups`` with the base optimizer (each group gains a ``beta``), so LR and beta
+schedules work through either object.
 """
 
 import torch
 from torch.optim import Optimizer
 
-from .optimizer import GERNE, _check_beta, nonfinite_flag
+from .buckets import PERMUTED, layout_of, same_strides
+from .two_batch import TwoBatchOptimizer, check_beta_of
 
 
-class GERNEWrapper(GERNE):
+class GERNEWrapper(TwoBatchOptimizer):
     """Any torch.optim.Optimizer (SGD, AdamW, Lion from another package...) stepping along g.
 
     Args:
@@ -33,12 +35,11 @@ class GERNEWrapper(GERNE):
         if not isinstance(base_optimizer, Optimizer):
             raise TypeError("base_optimizer must be a torch.optim.Optimizer instance, got "
                             f"{type(base_optimizer)}")
-        if isinstance(base_optimizer, GERNE):
+        if isinstance(base_optimizer, TwoBatchOptimizer):
             raise TypeError("base_optimizer is already a GERNE optimizer; wrap a plain optimizer "
                             "(torch.optim.SGD, AdamW, ...) instead")
         self.base = base_optimizer
-        self.optimizer_kind = None
-        self._init_two_batch_state(backend, skip_nonfinite, grad_scaler, track_statistics)
+        self._init_two_batch(backend, skip_nonfinite, grad_scaler, track_statistics)
         # Adopts the base's group dicts (adding beta to each), then shares the very list, so
         # that groups the base gains later are seen here too.
         Optimizer.__init__(self, base_optimizer.param_groups,
@@ -51,7 +52,7 @@ class GERNEWrapper(GERNE):
     def _check_group(self, group, where, read_tensors=True):
         for key, value in self.defaults.items():
             group.setdefault(key, value)  # groups the base gained without a beta
-        _check_beta(group["beta"], group.get("beta_bounds"), where, read_tensors)
+        check_beta_of(group, where, read_tensors)
 
     def add_param_group(self, param_group):
         if self.param_groups is not getattr(self.base, "param_groups", None):
@@ -68,48 +69,38 @@ class GERNEWrapper(GERNE):
         self.base.zero_grad(set_to_none=set_to_none)
         self._drop_stash()
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Writes g into .grad and runs ``base.step()``; returns the closure's loss if given.
-
-        Reads one flag from the device to decide whether the base steps (a skip changes
-        nothing: .grad keeps g_lb, the base's parameters and state stay as they were).
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._validate_before_step()
-        self._give_every_stashed_param_a_grad()
-        plans = self._plans()
-        self._statistics = self._record_statistics(plans) if self.track_statistics else None
-        found_per_device = self._apply(plans)
-        if not any(float(found) != 0 for found in found_per_device.values()):
-            self.base.step()
-        self._finish_step(found_per_device)
-        return loss
-
-    def _give_every_stashed_param_a_grad(self):
-        """g is written into .grad in place: it must exist (zeros when the less-biased batch did
-        not reach the parameter) and be contiguous."""
+    def _prepare_gradients(self):
+        """g is written into .grad in place: .grad must exist (zeros when the less-biased batch
+        did not reach the parameter) and be laid out as the op writes it (like its parameter,
+        or contiguous for a parameter that is not dense)."""
         for p in self._params():
             grad = p.grad
             if grad is None:
                 state = self.state.get(p)
                 if state is not None and state.get("grad_b") is not None:
-                    p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
-            elif not grad.is_sparse and not grad.is_contiguous():
+                    p.grad = torch.zeros_like(p, memory_format=torch.preserve_format)
+                continue
+            if grad.is_sparse:
+                continue
+            layout = layout_of(p)
+            if layout == PERMUTED and not same_strides(grad, p):
+                p.grad = torch.empty_like(p, memory_format=torch.preserve_format).copy_(grad)
+            elif layout != PERMUTED and not grad.is_contiguous():
                 p.grad = grad.contiguous()
 
-    def _update(self, impl, group, tensors, found_inf, scale_b, scale_lb, check_finite):
-        _, grads_b, grads_lb = tensors
-        if not isinstance(scale_lb, torch.Tensor) and scale_b == 0 and scale_lb == 1:
-            # .grad already holds g (lean mode, or beta = 0 without a stash)
-            if check_finite:
-                found_inf.add_(nonfinite_flag(grads_lb).to(found_inf.device))
-            return
-        impl.extrapolate_(grads_lb, grads_b, grads_lb, found_inf, scale_b=scale_b,
-                          scale_lb=scale_lb, check_finite=check_finite)
+    def _update(self, buckets, found_per_device):
+        """Writes g into .grad, then runs ``base.step()`` unless the step is skipped (one host
+        read of the flag: a skip changes nothing, .grad keeps g_lb, the base's parameters and
+        state stay as they were)."""
+        for bucket, impl in zip(buckets, self._implementations(buckets)):
+            if not torch.is_tensor(bucket.scale_lb) and bucket.scale_b == 0 \
+                    and bucket.scale_lb == 1:
+                continue  # .grad already holds g (lean mode, or beta = 0 without a stash)
+            impl.op("extrapolate_")(bucket.grads_lb, bucket.grads_b, bucket.grads_lb,
+                                    found_per_device[bucket.device], scale_b=bucket.scale_b,
+                                    scale_lb=bucket.scale_lb)
+        if not any(float(found) != 0 for found in found_per_device.values()):
+            self.base.step()
 
     # ----------------------------------------------------------------------------------------
     # Checkpoints: the base's state_dict, plus the pending stash and the skip count
@@ -119,7 +110,7 @@ class GERNEWrapper(GERNE):
         stash = {i: self.state[p]["grad_b"] for i, p in enumerate(params)
                  if p in self.state and self.state[p].get("grad_b") is not None}
         return {"base": self.base.state_dict(), "grad_b": stash,
-                "gerne": {"skipped_steps": self.skipped_steps, "stashed": self.has_stash()}}
+                "gerne": self._checkpoint_extras()}
 
     def load_state_dict(self, state_dict):
         if "base" not in state_dict:

@@ -20,7 +20,7 @@ def params():
     (dict(nesterov=True, momentum=0.9, dampening=0.1), ValueError, ["nesterov", "dampening"]),
     (dict(weight_decay=-1.0), ValueError, ["weight_decay"]),
     (dict(betas=(0.9, 0.999)), TypeError, ["betas", "accepted"]),
-    (dict(optimizer="lion"), ValueError, ["optimizer"]),
+    (dict(optimizer="rmsprop"), ValueError, ["optimizer"]),
     (dict(backend="tpu"), ValueError, ["backend"]),
 ])
 def test_constructor_errors(kwargs, exc, words):
