@@ -35,6 +35,15 @@ class Implementation:
 REFERENCE = Implementation("reference", {spec.name: getattr(_reference, spec.name)
                                          for spec in _ops.OPS})
 
+
+
+def _no_op(*args, **kwargs):
+    """Meta tensors carry no values: a step on them creates state and computes nothing, as
+    torch.optim's does."""
+
+
+META = Implementation("meta", {spec.name: _no_op for spec in _ops.OPS})
+
 _status_cache = {}
 _warned = set()
 
@@ -116,6 +125,8 @@ def implementation(backend, device_type, dtype, tensor_scalars=False):
     An explicitly named backend that cannot run raises with the reason; ``auto`` falls back to
     the reference path and warns once per reason.
     """
+    if device_type == "meta":
+        return META
     if backend == "reference":
         return REFERENCE
     if backend != "auto":

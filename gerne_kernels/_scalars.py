@@ -31,6 +31,13 @@ def on_device(value, device):
     return torch.full((), float(value), dtype=torch.float64, device=device)
 
 
+def zero_like(scale):
+    """0 in the form of ``scale``: 0.0, or a float64 0-d zero on its device."""
+    if isinstance(scale, torch.Tensor):
+        return torch.zeros((), dtype=torch.float64, device=scale.device)
+    return 0.0
+
+
 def extrapolation_scales(beta, inv_scale_b, inv_scale_lb, has_stash, device=None):
     """(scale_b, scale_lb) as floats, or, with ``device``, as float64 0-d tensors on it."""
     if device is None:

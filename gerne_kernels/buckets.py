@@ -20,6 +20,8 @@ from collections import defaultdict
 
 import torch
 
+from .sharding import local
+
 
 def is_dense(t):
     """True when t's elements fill one contiguous run of memory without overlap, in some
@@ -78,13 +80,16 @@ class Bucket:
     scale_b: object = 0.0
     scale_lb: object = 1.0
     layouts: list = dataclasses.field(default_factory=list)
+    local_params: list = dataclasses.field(default_factory=list)  # DTensors' local shards
     _write_backs: list = dataclasses.field(default_factory=list)
 
     def operand(self, i, tensor, written):
         """tensor (a gradient or state of parameter i) as an operand aligned with p[i]; a
-        temporary that is ``written`` is copied back by write_back()."""
+        temporary that is ``written`` is copied back by write_back(). A DTensor stands for its
+        local shard."""
+        tensor = local(tensor)
         if self.layouts[i] == PERMUTED:
-            param = self.params[i]
+            param = self.local_params[i]
             if is_dense(tensor) and same_strides(tensor, param):
                 return flat_view(tensor)
             temporary = torch.empty_like(param, memory_format=torch.preserve_format)
@@ -106,20 +111,22 @@ class Bucket:
     def add(self, param, grad_b, grad_lb):
         """Appends a parameter whose gradients are grad_b and grad_lb (grad_lb None: zeros;
         grad_b None: grad_lb itself, for a step without a stash, whose scale_b is 0)."""
-        layout = layout_of(param)
+        shard = local(param)
+        layout = layout_of(shard)
         self.params.append(param)
+        self.local_params.append(shard)
         self.layouts.append(layout)
         if layout == CONTIGUOUS:
-            self.p.append(param)
+            self.p.append(shard)
         elif layout == PERMUTED:
-            self.p.append(flat_view(param))
+            self.p.append(flat_view(shard))
         else:
-            temporary = param.contiguous()
-            self._write_backs.append((param, temporary))
+            temporary = shard.contiguous()
+            self._write_backs.append((shard, temporary))
             self.p.append(temporary)
         i = len(self.params) - 1
         if grad_lb is None:
-            grad_lb = torch.zeros_like(param, memory_format=torch.preserve_format)
+            grad_lb = torch.zeros_like(shard, memory_format=torch.preserve_format)
         self.grads_lb.append(self.operand(i, grad_lb, written=False))
         self.grads_b.append(self.grads_lb[-1] if grad_b is None else
                             self.operand(i, grad_b, written=False))
@@ -164,7 +171,7 @@ def gather(group, state, has_stash):
         if key not in buckets:
             buckets[key] = Bucket(group, p.device, p.dtype)
         if g_b is None and has_stash:
-            g_b = torch.zeros_like(p, memory_format=torch.preserve_format)
+            g_b = torch.zeros_like(local(p), memory_format=torch.preserve_format)
         buckets[key].add(p, g_b, g_lb)
     return list(buckets.values())
 

@@ -29,21 +29,31 @@ class GERNE(TwoBatchOptimizer):
             at each step.
         beta_bounds: optional (low, high), e.g. ``gk.beta_bounds(...)``; beta must stay inside.
         backend: "auto", "reference", "cpu", "cuda" or "triton".
-        skip_nonfinite: skip a step (changing nothing) when g_b or g_lb holds inf or NaN.
+        skip_nonfinite: None (the default, as torch.optim): a step driven by a GradScaler that
+            meets inf or NaN in g_b or g_lb changes nothing and makes the scaler back off.
+            True: every step checks both gradients first (one more read of them) and skips,
+            counted in ``skipped_steps``. False: no check of its own.
         grad_scaler: the torch.amp.GradScaler whose ``scaler.step(opt)`` drives this optimizer,
             if any; needed in the stash mode so that the stash is unscaled and an inf/NaN in it
             makes the scaler back off.
         track_statistics: record ||g_b||, ||g_lb||, ||g|| and cos(g_b, g_lb) at each step
             (stash mode), on the device without a host sync; read ``opt.statistics``.
+        max_grad_norm: clip g with clip_grad_norm_'s semantics (total 2-norm of g over all
+            parameters, unscaled under AMP; coefficient min(1, max / (norm + 1e-6))) inside
+            the step, from the same read of both gradients as the inf/NaN check; the pre-clip
+            norm is ``opt.grad_norm`` after the step. None: no clipping.
+        foreach, fused, capturable, differentiable: torch.optim's flags, accepted; the step is
+            always one fused, capturable pass; differentiable=True is refused.
 
     Usage per step: ``zero_grad(); loss_b.backward(); stash_biased(); loss_lb.backward();
-    step()``, or in the memory-lean mode ``zero_grad(); backward_biased(loss_b);
-    backward_less_biased(loss_lb); step()``.
+    step()``; in the memory-lean mode ``zero_grad(); backward_biased(loss_b);
+    backward_less_biased(loss_lb); step()``; in the one-backward mode (stock training loops)
+    ``opt.extrapolated_loss(loss_b, loss_lb).backward(); step()``.
     """
 
     def __init__(self, params, optimizer="sgd", *, beta=1.0, beta_bounds=None, backend="auto",
-                 skip_nonfinite=True, grad_scaler=None, track_statistics=False,
-                 **hyperparameters):
+                 skip_nonfinite=None, grad_scaler=None, track_statistics=False,
+                 max_grad_norm=None, **hyperparameters):
         if optimizer not in REGISTRY:
             raise ValueError(f"optimizer must be one of {sorted(REGISTRY)}, got {optimizer!r}")
         self.base_optimizer = REGISTRY[optimizer]
@@ -55,9 +65,12 @@ class GERNE(TwoBatchOptimizer):
                             "(as in torch.optim)")
         defaults = dict(known, **hyperparameters)
         defaults.update(beta=beta, beta_bounds=beta_bounds)
-        self._init_two_batch(backend, skip_nonfinite, grad_scaler, track_statistics)
+        self._init_two_batch(backend, skip_nonfinite, grad_scaler, track_statistics,
+                             max_grad_norm)
         self._check_group(defaults, "")
         super().__init__(params, defaults)
+
+    _COPIED = TwoBatchOptimizer._COPIED + ("base_optimizer",)
 
     @property
     def optimizer_name(self):
@@ -76,7 +89,8 @@ class GERNE(TwoBatchOptimizer):
             bucket.write_back()
         # State created for a step that was then skipped must vanish again: a skipped step
         # changes nothing. Only steps that create state pay this host read.
-        if created and any(float(found) != 0 for found in found_per_device.values()):
+        if created and self._may_skip() and any(float(found) != 0
+                                                for found in found_per_device.values()):
             for p, keys in created:
                 for key in keys:
                     self.state[p].pop(key, None)

@@ -24,14 +24,19 @@ class GERNEWrapper(TwoBatchOptimizer):
     Args:
         base_optimizer: the optimizer instance to feed; it owns the hyperparameters and state.
         beta: the extrapolation factor, >= -1 (per param group, schedulable like lr).
-        beta_bounds, backend, skip_nonfinite, grad_scaler, track_statistics: as for GERNE.
+        beta_bounds, backend, skip_nonfinite, grad_scaler, track_statistics, max_grad_norm:
+            as for GERNE.
+
+    ``defaults`` holds the base's defaults plus beta and beta_bounds, so that LR schedulers
+    that look for momentum or betas there (OneCycleLR, CyclicLR) work through the wrapper.
 
     Usage per step, as for GERNE: ``zero_grad(); loss_b.backward(); stash_biased();
     loss_lb.backward(); step()`` (or ``backward_biased(loss_b); backward_less_biased(loss_lb)``).
     """
 
     def __init__(self, base_optimizer, beta=1.0, *, beta_bounds=None, backend="auto",
-                 skip_nonfinite=True, grad_scaler=None, track_statistics=False):
+                 skip_nonfinite=None, grad_scaler=None, track_statistics=False,
+                 max_grad_norm=None):
         if not isinstance(base_optimizer, Optimizer):
             raise TypeError("base_optimizer must be a torch.optim.Optimizer instance, got "
                             f"{type(base_optimizer)}")
@@ -39,19 +44,22 @@ class GERNEWrapper(TwoBatchOptimizer):
             raise TypeError("base_optimizer is already a GERNE optimizer; wrap a plain optimizer "
                             "(torch.optim.SGD, AdamW, ...) instead")
         self.base = base_optimizer
-        self._init_two_batch(backend, skip_nonfinite, grad_scaler, track_statistics)
+        self._init_two_batch(backend, skip_nonfinite, grad_scaler, track_statistics,
+                             max_grad_norm)
         # Adopts the base's group dicts (adding beta to each), then shares the very list, so
         # that groups the base gains later are seen here too.
         Optimizer.__init__(self, base_optimizer.param_groups,
-                           dict(beta=beta, beta_bounds=beta_bounds))
+                           dict(base_optimizer.defaults, beta=beta, beta_bounds=beta_bounds))
         self.param_groups = base_optimizer.param_groups
 
     def _op_scalars(self, group):
         return (group["beta"],)  # lr is the base optimizer's business
 
+    _COPIED = TwoBatchOptimizer._COPIED + ("base",)
+
     def _check_group(self, group, where, read_tensors=True):
-        for key, value in self.defaults.items():
-            group.setdefault(key, value)  # groups the base gained without a beta
+        for key in ("beta", "beta_bounds"):
+            group.setdefault(key, self.defaults[key])  # groups the base gained without a beta
         check_beta_of(group, where, read_tensors)
 
     def add_param_group(self, param_group):
@@ -99,7 +107,8 @@ class GERNEWrapper(TwoBatchOptimizer):
             impl.op("extrapolate_")(bucket.grads_lb, bucket.grads_b, bucket.grads_lb,
                                     found_per_device[bucket.device], scale_b=bucket.scale_b,
                                     scale_lb=bucket.scale_lb)
-        if not any(float(found) != 0 for found in found_per_device.values()):
+        if not self._may_skip() or not any(float(found) != 0
+                                           for found in found_per_device.values()):
             self.base.step()
 
     # ----------------------------------------------------------------------------------------

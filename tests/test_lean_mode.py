@@ -51,6 +51,7 @@ def test_micro_batches_accumulate(backend):
 def test_nonfinite_gradient_changes_nothing(backend, which):
     model = make_model()
     opt = OPTIMIZERS["adamw"](model.parameters(), backend)
+    opt.skip_nonfinite = True
     (x_b, x_lb), = make_batches(1)
     lean_step(model, opt, x_b, x_lb)
     before = snapshot(model, opt.state_dict()["state"])
@@ -132,7 +133,7 @@ def test_refusals():
     opt.backward_biased(loss_of(model, x_b))
     with pytest.raises(RuntimeError, match="backward_less_biased"):
         opt.step()
-    with pytest.raises(RuntimeError, match="either the stash mode or the memory-lean mode"):
+    with pytest.raises(RuntimeError, match="already uses the lean mode"):
         opt.stash_biased()
     opt.param_groups[0]["beta"] = 3.0
     with pytest.raises(RuntimeError, match="beta changed"):
@@ -140,7 +141,7 @@ def test_refusals():
     opt.zero_grad()
     loss_of(model, x_b).backward()
     opt.stash_biased()
-    with pytest.raises(RuntimeError, match="either the stash mode or the memory-lean mode"):
+    with pytest.raises(RuntimeError, match="already uses the stash mode"):
         opt.backward_less_biased(loss_of(model, x_lb))
     opt = gk.GERNE(model.parameters(), lr=0.1, beta=1.0, track_statistics=True)
     with pytest.raises(RuntimeError, match="track_statistics"):

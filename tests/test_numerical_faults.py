@@ -71,7 +71,7 @@ def assert_same(a, b):
 def test_one_bad_element_in_one_bucket_skips_every_bucket(backend, config, which, bad, index):
     params = make_params()
     opt = gk.GERNE([{"params": params[:3]}, {"params": params[3:], "beta": 0.5}], beta=1.0,
-                   backend=backend, **config)
+                   skip_nonfinite=True, backend=backend, **config)
     two_batch_step(opt, params, seed=1)
     before = snapshot(params, opt)
     two_batch_step(opt, params, seed=3, bad=bad, which=which, index=index)
@@ -87,7 +87,8 @@ def test_skip_when_some_momentum_buffers_are_new(backend, which):
     """a has a momentum buffer, b gets its first gradient now: two kernel calls, one skip."""
     a = torch.nn.Parameter(torch.randn(40))
     b = torch.nn.Parameter(torch.randn(40))
-    opt = gk.GERNE([a, b], optimizer="sgd", lr=0.1, momentum=0.9, beta=1.0, backend=backend)
+    opt = gk.GERNE([a, b], optimizer="sgd", lr=0.1, momentum=0.9, beta=1.0,
+                   skip_nonfinite=True, backend=backend)
     two_batch_step(opt, [a], seed=1)  # b has no gradient: no buffer
     before = snapshot([a, b], opt)
     assert "momentum_buffer" not in opt.state.get(b, {})
@@ -98,7 +99,8 @@ def test_skip_when_some_momentum_buffers_are_new(backend, which):
 
 def test_bad_biased_gradient_of_a_parameter_without_less_biased_gradient(backend):
     a, b = torch.nn.Parameter(torch.randn(9)), torch.nn.Parameter(torch.randn(9))
-    opt = gk.GERNE([a, b], optimizer="adam", lr=1e-2, beta=2.0, backend=backend)
+    opt = gk.GERNE([a, b], optimizer="adam", lr=1e-2, beta=2.0, skip_nonfinite=True,
+                   backend=backend)
     before = snapshot([a, b], opt)
     a.grad = torch.full((9,), float("inf"))
     opt.stash_biased()
@@ -120,7 +122,7 @@ def test_bad_element_found_anywhere_in_a_long_tensor(backend, position, dtype, w
     p = torch.nn.Parameter(torch.randn(LONG).to(dtype))
     small = torch.nn.Parameter(torch.randn(3).to(dtype))
     opt = gk.GERNE([p, small], optimizer="sgd", lr=0.1, momentum=0.9, beta=1.0,
-                   backend=backend)
+                   skip_nonfinite=True, backend=backend)
     two_batch_step(opt, [p, small], seed=1)
     before = snapshot([p, small], opt)
     opt.zero_grad()
@@ -138,12 +140,12 @@ def test_bad_element_found_anywhere_in_a_long_tensor(backend, position, dtype, w
 
 def test_skip_count_survives_a_checkpoint(backend):
     params = make_params()
-    opt = gk.GERNE(params, optimizer="adam", lr=1e-2, backend=backend)
+    opt = gk.GERNE(params, optimizer="adam", lr=1e-2, skip_nonfinite=True, backend=backend)
     two_batch_step(opt, params, seed=1)
     two_batch_step(opt, params, seed=2, bad=float("nan"), which="lb", index=0)
     two_batch_step(opt, params, seed=3, bad=float("inf"), which="b", index=2)
     saved = copy.deepcopy(opt.state_dict())
-    fresh = gk.GERNE(params, optimizer="adam", lr=1e-2, backend=backend)
+    fresh = gk.GERNE(params, optimizer="adam", lr=1e-2, skip_nonfinite=True, backend=backend)
     fresh.load_state_dict(saved)
     assert fresh.skipped_steps == 2
     two_batch_step(fresh, params, seed=4, bad=float("inf"), which="b", index=1)

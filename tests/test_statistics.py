@@ -89,7 +89,8 @@ def test_off_by_default_and_skipped_steps_show_nonfinite():
     (x_b, x_lb), = make_batches(1)
     stash_step(model, opt, x_b, x_lb)
     assert opt.statistics is None
-    opt = gk.GERNE(model.parameters(), lr=0.1, beta=1.0, track_statistics=True)
+    opt = gk.GERNE(model.parameters(), lr=0.1, beta=1.0, track_statistics=True,
+                   skip_nonfinite=True)
     opt.zero_grad()
     loss_of(model, x_b).backward()
     model[0].bias.grad[0] = float("inf")

@@ -14,7 +14,7 @@ torch.optim) is read as such a tensor.
 import torch
 
 from .. import hyperparameters as hp
-from .base_optimizer import BaseOptimizer
+from .base_optimizer import TORCH_FLAGS, BaseOptimizer
 
 
 class Adam(BaseOptimizer):
@@ -24,10 +24,10 @@ class Adam(BaseOptimizer):
         self.name = name
         self.decoupled_weight_decay = decoupled_weight_decay
         self.defaults = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay,
-                             amsgrad=False, maximize=False)
+                             amsgrad=False, maximize=False, **TORCH_FLAGS)
 
     def check(self, group, where, read_tensors=True):
-        hp.check_lr(group, where, read_tensors)
+        super().check(group, where, read_tensors)
         hp.nonnegative(group, "weight_decay", where)
         hp.nonnegative(group, "eps", where)
         hp.check_betas(group, where)

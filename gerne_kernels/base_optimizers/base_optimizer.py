@@ -13,7 +13,22 @@ module holds, and nothing else in the package branches on it:
 
 import dataclasses
 
-from .. import _scalars
+from .. import _scalars, hyperparameters as hp
+
+# torch.optim's implementation flags, accepted as torch.optim accepts them (configs and timm's
+# create_optimizer_v2 pass them). GERNE's step is always one fused, capturable pass whatever
+# they say; it is not differentiable, so differentiable=True is refused.
+TORCH_FLAGS = dict(foreach=None, fused=None, capturable=False, differentiable=False)
+
+
+def check_torch_flags(group, where):
+    for name in ("foreach", "fused"):
+        if group.get(name) not in (None, True, False):
+            raise TypeError(f"{name}{where} must be None, True or False, got {group[name]!r}")
+    if group.get("differentiable"):
+        raise ValueError(f"differentiable=True{where}: GERNE's fused step cannot be "
+                         "differentiated through (torch.optim's differentiable mode); use "
+                         "differentiable=False")
 
 
 @dataclasses.dataclass
@@ -54,8 +69,11 @@ class BaseOptimizer:
     op = None
     defaults = {}
 
-    def check(self, group, where):
-        raise NotImplementedError
+    def check(self, group, where, read_tensors=True):
+        """torch.optim's checks of the group's hyperparameters (lr and the implementation
+        flags here; a subclass adds its own)."""
+        hp.check_lr(group, where, read_tensors)
+        check_torch_flags(group, where)
 
     def update(self, call):
         raise NotImplementedError

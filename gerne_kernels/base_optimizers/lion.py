@@ -9,16 +9,16 @@ sign(0) = 0, as torch.sign. State: ``exp_avg`` (m) per parameter, zeros before i
 import torch
 
 from .. import hyperparameters as hp
-from .base_optimizer import BaseOptimizer
+from .base_optimizer import TORCH_FLAGS, BaseOptimizer
 
 
 class Lion(BaseOptimizer):
     name = "lion"
     op = "lion_step_"
-    defaults = dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False)
+    defaults = dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False, **TORCH_FLAGS)
 
     def check(self, group, where, read_tensors=True):
-        hp.check_lr(group, where, read_tensors)
+        super().check(group, where, read_tensors)
         hp.nonnegative(group, "weight_decay", where)
         hp.check_betas(group, where, what="Lion's interpolation and momentum decays")
 

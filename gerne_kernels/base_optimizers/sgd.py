@@ -10,17 +10,17 @@ State: ``momentum_buffer`` per parameter, created on its first step (with moment
 import torch
 
 from .. import hyperparameters as hp
-from .base_optimizer import BaseOptimizer
+from .base_optimizer import TORCH_FLAGS, BaseOptimizer
 
 
 class SGD(BaseOptimizer):
     name = "sgd"
     op = "sgd_step_"
     defaults = dict(lr=1e-3, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
-                    maximize=False)
+                    maximize=False, **TORCH_FLAGS)
 
     def check(self, group, where, read_tensors=True):
-        hp.check_lr(group, where, read_tensors)
+        super().check(group, where, read_tensors)
         hp.nonnegative(group, "weight_decay", where)
         momentum = hp.nonnegative(group, "momentum", where)
         dampening = hp.real("dampening", group["dampening"], where)

@@ -1,0 +1,101 @@
+"""GERNE on sharded parameters: DTensors (FSDP2's ``fully_shard``), and what must be global.
+
+The fused update is element-wise, so on a DTensor parameter it runs on the local shard
+(``to_local()``: the same memory, no copy) with the local shards of its gradients and state.
+What is not element-wise must be agreed on by every rank: a step skipped for an inf/NaN on one
+rank is skipped on all, and the norms behind clipping and the statistics are those of the whole
+gradient. Both come from one all-reduce (a sum) of ``[found_inf, sum g^2, sum g_b^2, sum g_lb^2,
+sum g_b g_lb]`` over the mesh dimensions on which the parameters are sharded (on a replicated
+dimension every rank holds the same values already).
+
+ZeroRedundancyOptimizer gives each rank's optimizer only its shard of the parameters, so a GERNE
+inside it could not move the other parameters' biased gradient aside and DDP would mix it into
+g_lb: that is refused with an error (``refuse_zero_redundancy``).
+"""
+
+import sys
+
+import torch
+
+
+def _dtensor_class():
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None) if module is not None else None
+
+
+def local(t):
+    """The local shard of a DTensor (its memory, no copy), else t itself."""
+    dtensor = _dtensor_class()
+    if dtensor is not None and isinstance(t, dtensor):
+        return t.to_local()
+    return t
+
+
+def sharded_params(params):
+    dtensor = _dtensor_class()
+    if dtensor is None:
+        return []
+    return [p for p in params if isinstance(p, dtensor)]
+
+
+def _shard_groups(dtensors):
+    """The process groups of the mesh dimensions the parameters are sharded on."""
+    from torch.distributed.tensor import Shard
+
+    mesh = dtensors[0].device_mesh
+    for p in dtensors[1:]:
+        if p.device_mesh != mesh:
+            raise RuntimeError("GERNE's global inf/NaN check and norms need all DTensor "
+                               "parameters on one device mesh; got parameters on "
+                               f"{mesh} and {p.device_mesh}. Use one optimizer per mesh.")
+    dims = sorted({dim for p in dtensors for dim, placement in enumerate(p.placements)
+                   if isinstance(placement, Shard)})
+    for p in dtensors:
+        for dim in dims:
+            if not isinstance(p.placements[dim], Shard):
+                raise RuntimeError(
+                    "GERNE's norms over DTensor parameters need every parameter sharded on the "
+                    f"same mesh dimensions; one has placements {p.placements} while others are "
+                    f"sharded on dimensions {dims}")
+    return [mesh.get_group(dim) for dim in dims]
+
+
+def all_reduce_step_flags(params, found_per_device, sums_per_device):
+    """Sums found_inf (and the scan sums, where given) over the ranks that share the sharded
+    parameters, in place; a no-op without DTensor parameters."""
+    dtensors = sharded_params(params)
+    if not dtensors:
+        return
+    import torch.distributed as dist
+
+    groups = _shard_groups(dtensors)
+    for device, found in found_per_device.items():
+        sums = sums_per_device.get(device)
+        packed = found.reshape(1).double()
+        if sums is not None:
+            packed = torch.cat([packed, sums])
+        for group in groups:
+            dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+        found.copy_(packed[0].clamp(max=1))
+        if sums is not None:
+            sums.copy_(packed[1:])
+
+
+def refuse_zero_redundancy(optimizer_name):
+    """Raises when the caller is being constructed by ZeroRedundancyOptimizer."""
+    module = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
+    zero = getattr(module, "ZeroRedundancyOptimizer", None) if module is not None else None
+    if zero is None:
+        return
+    frame = sys._getframe(1)
+    for _ in range(12):
+        if frame is None:
+            return
+        if isinstance(frame.f_locals.get("self"), zero):
+            raise TypeError(
+                f"{optimizer_name} cannot run inside ZeroRedundancyOptimizer: ZeRO gives each "
+                "rank's optimizer only its shard of the parameters, so the biased gradient of "
+                "the other parameters would stay in .grad and DDP would mix it into the "
+                "less-biased one. Shard with FSDP2 (torch.distributed.fsdp.fully_shard) "
+                "instead, or use GERNE under plain DDP.")
+        frame = frame.f_back
