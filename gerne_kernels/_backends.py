@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import importlib
 import os
+import sys
 import warnings
 
 import torch
@@ -62,8 +63,19 @@ def _triton_status():
     return True, ""
 
 
+def _is_cached(kind):
+    """True when a finished build of the current sources lies in the cache (loading it takes
+    well under a second; building takes about a minute)."""
+    try:
+        return os.path.isfile(os.path.join(_build.build_dir_for(kind), "ok"))
+    except Exception:  # sources missing, unreadable cache: not cached
+        return False
+
+
 def status(name, *, build=True):
-    """(available, reason, BuildResult or None) for one backend; builds on first call."""
+    """(available, reason, BuildResult or None) for one backend. With ``build`` a C++ backend
+    is compiled on first call; without it, only a cached build is loaded and an unbuilt one is
+    reported as such (nothing compiles)."""
     if name == "reference":
         return True, "", None
     if name in _status_cache:
@@ -74,8 +86,9 @@ def status(name, *, build=True):
     elif name in ("cpu", "cuda"):
         if name == "cuda" and not torch.cuda.is_available():
             result = (False, "no CUDA device is visible", None)
-        elif not build:
-            return False, "not built yet in this process", None
+        elif not build and not _is_cached(name):
+            return (False, "not built yet: it compiles on first use (about a minute); "
+                    "`python -m gerne_kernels build` compiles it now", None)
         else:
             built = _build.build(name)
             reason = "" if built.ok else built.error
@@ -84,6 +97,15 @@ def status(name, *, build=True):
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     _status_cache[name] = result
     return result
+
+
+def auto_choice(device_type, *, build=True):
+    """The backend ``auto`` runs float32 tensors of this device type with (without ``build``:
+    among what is available without compiling)."""
+    for name in AUTO_ORDER.get(device_type, ()):
+        if status(name, build=build)[0]:
+            return name
+    return "reference"
 
 
 def available_backends():
@@ -151,8 +173,22 @@ def implementation(backend, device_type, dtype, tensor_scalars=False):
             _warned.add((name, reason))
             warnings.warn(_unavailable_message(name, reason, built) +
                           " Falling back to the next backend (finally the reference path).",
-                          RuntimeWarning, stacklevel=4)
+                          RuntimeWarning, stacklevel=_caller_outside_packages())
     return REFERENCE
+
+
+_PACKAGE_DIRS = (os.path.dirname(os.path.abspath(__file__)),
+                 os.path.dirname(os.path.abspath(torch.__file__)))
+
+
+def _caller_outside_packages():
+    """The stacklevel of the first caller outside gerne_kernels and torch (the user's
+    step() call), so that a warning points there."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(
+            _PACKAGE_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def reset():

@@ -96,14 +96,14 @@ class GERNE(TwoBatchOptimizer):
                     self.state[p].pop(key, None)
 
     def state_dict(self):
-        sd = super().state_dict()
-        sd["gerne"] = self._checkpoint_extras()
-        return sd
+        """torch.optim's state_dict (a pending stash as "grad_b" state, the skip count in the
+        param groups)."""
+        return self._with_checkpoint_extras(super().state_dict())
 
     def load_state_dict(self, state_dict):
+        """Loads a GERNE checkpoint, an older one (with a "gerne" entry) or a torch.optim one of
+        the same base optimizer."""
         state_dict = dict(state_dict)
-        extra = state_dict.pop("gerne", {})  # absent in checkpoints of torch.optim optimizers
+        legacy = state_dict.pop("gerne", None)
         super().load_state_dict(state_dict)
-        self._restore_two_batch_state(extra, any(
-            "grad_b" in self.state[p] for p in self._params() if p in self.state))
-
+        self._restore_checkpoint_extras(legacy)

@@ -532,18 +532,29 @@ class TwoBatchOptimizer(Optimizer):
     # ----------------------------------------------------------------------------------------
     # Checkpoints
 
-    def _checkpoint_extras(self):
-        return {"skipped_steps": self.skipped_steps, "stashed": self.has_stash()}
+    # The skip count travels in every param group of a state_dict (torch.distributed.checkpoint
+    # keeps the groups' keys, and only "state" and "param_groups"); a pending stash is the
+    # "grad_b" entry of the parameters' state.
+    SKIPPED_KEY = "gerne_skipped_steps"
 
-    def _restore_two_batch_state(self, extra, has_stashed_grads):
-        """The skip count and the pending-stash marker of a checkpoint's "gerne" entry."""
+    def _with_checkpoint_extras(self, state_dict):
+        """A state_dict whose param groups carry the skip count."""
+        skipped = self.skipped_steps
+        state_dict["param_groups"] = [dict(group, **{self.SKIPPED_KEY: skipped})
+                                      for group in state_dict["param_groups"]]
+        return state_dict
+
+    def _restore_checkpoint_extras(self, legacy=None):
+        """After a load: the skip count (from the groups, or an older checkpoint's "gerne"
+        entry) and the pending-stash marker (from the state's "grad_b" entries)."""
+        counts = [group.pop(self.SKIPPED_KEY) for group in self.param_groups
+                  if self.SKIPPED_KEY in group]
+        skipped = max(counts) if counts else (legacy or {}).get("skipped_steps", 0)
         self._record.skipped = {}
-        skipped = extra.get("skipped_steps", 0)
         if skipped:
             self._record.skipped[torch.device("cpu")] = torch.tensor(float(skipped))
-        stashed = extra.get("stashed", False) or has_stashed_grads
-        self._record.stash_signature = (tuple(id(p) for p in self._params()) if stashed
-                                        else None)
+        stashed = any("grad_b" in self.state[p] for p in self._params() if p in self.state)
+        self._record.stash_signature = self._signature() if stashed else None
 
 
 def check_beta_of(group, where, read_tensors=True):

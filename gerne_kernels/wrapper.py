@@ -112,29 +112,48 @@ class GERNEWrapper(TwoBatchOptimizer):
             self.base.step()
 
     # ----------------------------------------------------------------------------------------
-    # Checkpoints: the base's state_dict, plus the pending stash and the skip count
+    # Checkpoints: the base's state_dict in torch.optim's layout, plus the pending stash (as
+    # "grad_b" state) and the skip count (in the param groups)
 
     def state_dict(self):
-        params = self._params()
-        stash = {i: self.state[p]["grad_b"] for i, p in enumerate(params)
-                 if p in self.state and self.state[p].get("grad_b") is not None}
-        return {"base": self.base.state_dict(), "grad_b": stash,
-                "gerne": self._checkpoint_extras()}
+        base = self.base.state_dict()
+        state = {index: dict(entry) for index, entry in base["state"].items()}
+        for index, p in enumerate(self._params()):
+            stash = self.state[p].get("grad_b") if p in self.state else None
+            if stash is not None:
+                state.setdefault(index, {})["grad_b"] = stash
+        return self._with_checkpoint_extras({"state": state,
+                                             "param_groups": base["param_groups"]})
 
     def load_state_dict(self, state_dict):
-        if "base" not in state_dict:
+        """Loads a GERNEWrapper.state_dict(), also one of an older version (with a "base"
+        entry)."""
+        legacy = None
+        if "base" in state_dict:  # older layout: {"base": ..., "grad_b": {index: g_b}, "gerne"}
+            stashes = dict(state_dict.get("grad_b", {}))
+            legacy = state_dict.get("gerne")
+            base = state_dict["base"]
+        elif "state" in state_dict and "param_groups" in state_dict:
+            stashes, state = {}, {}
+            for index, entry in state_dict["state"].items():
+                entry = dict(entry)
+                if "grad_b" in entry:
+                    stashes[index] = entry.pop("grad_b")
+                if entry:
+                    state[index] = entry
+            base = {"state": state, "param_groups": state_dict["param_groups"]}
+        else:
             raise ValueError("GERNEWrapper.load_state_dict expects a GERNEWrapper.state_dict() "
-                             "(with a 'base' entry); to load a checkpoint of the bare base "
-                             "optimizer, call wrapper.base.load_state_dict(...)")
-        self.base.load_state_dict(state_dict["base"])
+                             "(torch.optim's layout: 'state' and 'param_groups'); got keys "
+                             f"{sorted(state_dict)}")
+        self.base.load_state_dict(base)
         self.param_groups = self.base.param_groups  # the base's load made a new list
         for i, group in enumerate(self.param_groups):
             self._check_group(group, f" (param group {i})")
         self.state.clear()
         self._drop_stash()
         params = self._params()
-        for index, grad_b in state_dict.get("grad_b", {}).items():
+        for index, grad_b in stashes.items():
             p = params[int(index)]
             self.state[p]["grad_b"] = grad_b.to(device=p.device, dtype=p.dtype)
-        self._restore_two_batch_state(state_dict.get("gerne", {}),
-                                      bool(state_dict.get("grad_b")))
+        self._restore_checkpoint_extras(legacy)
