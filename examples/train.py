@@ -2,12 +2,15 @@
 
 Each step draws a biased batch B_b (class-balanced) and a less-biased batch B_lb (Eq. 4, mixing
 factor c) with gerne_kernels' TwoBatchSampler, and steps along (1 + beta) g_lb - beta g_b.
-Shows: both gradient modes (stash / memory-lean), AMP (bf16 or fp16 with GradScaler), DDP
-(--world-size N: N processes, gloo on the CPU, nccl on GPUs), checkpoints that resume exactly,
-a warmup + cosine LR schedule, gradient statistics, and group metrics (GBA, WGA) at the end.
+Shows: the three gradient modes (stash / memory-lean / one-backward), AMP (bf16 or fp16 with
+GradScaler), channels_last, clipping of the extrapolated gradient, DDP (--world-size N: N
+processes, gloo on the CPU, nccl on GPUs), checkpoints that resume exactly, a warmup + cosine LR
+schedule, gradient statistics, and group metrics (GBA, WGA) at the end. It uses gerne_kernels as
+installed (`pip install .`), nothing else.
 
     python examples/train.py --data synthetic --steps 300
     python examples/train.py --data colored-mnist --minority 0.01 --amp bf16 --mode lean
+    python examples/train.py --mode one-backward --channels-last --max-grad-norm 1.0
     python examples/train.py --world-size 2 --checkpoint run.pt   # resumes if run.pt exists
 """
 
@@ -22,16 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import gerne_kernels as gk
+from gerne_kernels import BetaBounds, TwoBatchSampler, beta_bounds
 from gerne_kernels.metrics import group_metrics
-
-try:  # the two-batch sampler of Algorithm 1
-    from gerne_kernels.sampler import TwoBatchSampler
-except ImportError:  # pragma: no cover - older checkouts
-    TwoBatchSampler = None
-try:
-    from gerne_kernels.bounds import BetaBounds, beta_bounds
-except ImportError:  # pragma: no cover
-    BetaBounds, beta_bounds = None, None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -73,31 +68,6 @@ def load_data(args):
             synthetic("test", args.minority, max(4, args.n_per_class // 4), args.seed))
 
 
-class FallbackTwoBatchSampler:
-    """Used only when gerne_kernels.sampler is absent: same distributions, fewer checks."""
-
-    def __init__(self, y, a, batch_size, c, generator):
-        self.y, self.a, self.c, self.bs, self.g = y, a, c, batch_size, generator
-        self.k, self.n_a = int(y.max()) + 1, int(a.max()) + 1
-
-    def _draw(self, pool):
-        return pool[torch.randint(len(pool), (self.bs,), generator=self.g)]
-
-    def sample_b(self):
-        return torch.cat([self._draw(torch.nonzero(self.y == k).view(-1)) for k in range(self.k)])
-
-    def sample_lb(self):
-        out = []
-        for k in range(self.k):
-            in_class = self.y == k
-            alpha = torch.bincount(self.a[in_class], minlength=self.n_a).double() / in_class.sum()
-            groups = torch.multinomial((1 - self.c) * alpha + self.c / self.n_a, self.bs,
-                                       replacement=True, generator=self.g)
-            for group in groups:
-                out.append(self._draw(torch.nonzero(in_class & (self.a == group)).view(-1))[:1])
-        return torch.cat(out)
-
-
 # ------------------------------------------------------------------------------------------------
 # Model: a small ResNet
 
@@ -135,7 +105,7 @@ class SmallResNet(nn.Module):
 
 def build_optimizer(args, model, bounds, scaler):
     common = dict(beta=args.beta, backend=args.backend, grad_scaler=scaler,
-                  track_statistics=args.statistics)
+                  track_statistics=args.statistics, max_grad_norm=args.max_grad_norm)
     if bounds is not None:
         common["beta_bounds"] = bounds
     if args.wrapper:  # any torch optimizer, fed the extrapolated gradient
@@ -166,8 +136,7 @@ def save_checkpoint(path, step, model, opt, scaler, sched, generator):
 
 
 def load_checkpoint(path, device):
-    if BetaBounds is not None:
-        torch.serialization.add_safe_globals([BetaBounds])  # kept in the param groups
+    torch.serialization.add_safe_globals([BetaBounds])  # kept in the param groups
     return torch.load(path, map_location=device, weights_only=True)
 
 
@@ -190,16 +159,18 @@ def train(rank, args):
     (x, y, a), (x_test, y_test, a_test) = load_data(args)
     num_classes = int(y.max()) + 1
     model = SmallResNet(num_classes, args.width).to(device)
+    if args.channels_last:  # the fast convolution layout; GERNE updates it in place
+        model = model.to(memory_format=torch.channels_last)
     ddp = model if world == 1 else nn.parallel.DistributedDataParallel(
         model, device_ids=[rank] if device.type == "cuda" else None)
 
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    bounds = beta_bounds(y, a, args.c, simplified=True) if beta_bounds is not None else None
+    bounds = beta_bounds(y, a, args.c, simplified=True)
     opt = build_optimizer(args, model, bounds, scaler)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(args.steps, args.warmup))
     generator = torch.Generator().manual_seed(args.seed * 1000 + rank)  # own batches per rank
-    sampler_cls = TwoBatchSampler or FallbackTwoBatchSampler
+    sampler_cls = TwoBatchSampler
     sampler = sampler_cls(y, a, args.batch_per_class, args.c, generator=generator)
 
     start = 0
@@ -221,7 +192,14 @@ def train(rank, args):
     for step in range(start, args.steps):
         idx_b, idx_lb = sampler.sample_b(), sampler.sample_lb()
         opt.zero_grad()
-        if args.mode == "stash":  # both backwards all-reduce under DDP
+        if args.mode == "one-backward":  # one forward of B_b || B_lb, one backward of L_ext
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                both = torch.cat([idx_b, idx_lb])
+                losses = F.cross_entropy(ddp(x[both].to(device)), y[both].to(device),
+                                         reduction="none")
+            loss_b, loss_lb = losses[:len(idx_b)].mean(), losses[len(idx_b):].mean()
+            scaler.scale(opt.extrapolated_loss(loss_b, loss_lb)).backward()
+        elif args.mode == "stash":  # both backwards all-reduce under DDP
             loss_b = forward_loss(idx_b)
             scaler.scale(loss_b).backward()
             opt.stash_biased()
@@ -273,9 +251,13 @@ def parse_args(argv=None):
                    help="torch.optim's optimizer inside GERNEWrapper instead of the fused GERNE")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--weight-decay", type=float, default=1e-2)
-    p.add_argument("--mode", choices=["stash", "lean"], default="stash",
+    p.add_argument("--mode", choices=["stash", "lean", "one-backward"], default="stash",
                    help="keep g_b apart (stash) or accumulate both backwards in .grad (lean)")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
+    p.add_argument("--channels-last", action="store_true",
+                   help="channels_last convolutions (the fast layout under AMP on GPUs)")
+    p.add_argument("--max-grad-norm", type=float, default=None,
+                   help="clip the extrapolated gradient g to this 2-norm inside the step")
     p.add_argument("--statistics", action="store_true", help="log |g_b|, |g_lb|, |g|, cos")
     p.add_argument("--backend", default="auto")
     p.add_argument("--width", type=int, default=16)

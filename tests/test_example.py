@@ -1,5 +1,5 @@
-"""Smoke test of examples/train.py with tiny sizes: both gradient modes, AMP, the wrapper,
-statistics, checkpoints that resume exactly, and a 2-process DDP run."""
+"""Smoke test of examples/train.py with tiny sizes: the three gradient modes, AMP, the wrapper,
+channels_last, clipping, statistics, checkpoints that resume exactly, and a 2-process DDP run."""
 
 import importlib.util
 import os
@@ -27,6 +27,7 @@ def example():
 @pytest.mark.parametrize("flags", [
     ["--mode", "stash", "--amp", "bf16", "--statistics"],
     ["--mode", "lean", "--amp", "fp16", "--wrapper", "--optimizer", "adamw"],
+    ["--mode", "one-backward", "--amp", "fp16", "--channels-last", "--max-grad-norm", "0.5"],
 ])
 def test_runs_and_reports_group_metrics(example, capsys, flags):
     example.main(TINY + ["--steps", "3"] + flags)
