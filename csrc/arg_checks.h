@@ -71,25 +71,32 @@ inline void check_matching_list(const char* op, const char* name, at::TensorList
   }
 }
 
-// Adam's step counters: one per parameter, each a one-element float32 tensor on `device`
-// (float64 too where allow_float64: torch.optim makes float64 steps when the default dtype is
-// float64).
+// Adam's step counters: one per parameter, each a one-element float32 (or float64: torch.optim
+// makes float64 steps when the default dtype is float64) tensor on `device`.
 inline void check_step_counters(const char* op, at::TensorList state_steps,
-                                at::TensorList params, const at::Device& device,
-                                bool allow_float64) {
+                                at::TensorList params, const at::Device& device) {
   TORCH_CHECK(state_steps.size() == params.size(), op, ": state_steps has ",
               state_steps.size(), " tensors but params has ", params.size(),
               "; pass one step counter per parameter");
   for (size_t i = 0; i < state_steps.size(); ++i) {
     const at::Tensor& s = state_steps[i];
     TORCH_CHECK(s.defined(), op, ": state_steps[", i, "] is an undefined tensor");
-    const bool dtype_ok = s.scalar_type() == at::kFloat ||
-                          (allow_float64 && s.scalar_type() == at::kDouble);
+    const bool dtype_ok = s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble;
     TORCH_CHECK(s.device() == device && s.numel() == 1 && dtype_ok, op, ": state_steps[", i,
                 "] must be a one-element float32 tensor on ", device, ", got ",
                 s.scalar_type(), " of shape ", s.sizes(), " on ", s.device(),
                 "; create it with torch.zeros((), dtype=torch.float32, device=param.device)");
   }
+}
+
+// scan_'s optional sums: a contiguous float64 tensor of four elements on `device`.
+inline void check_sums(const char* op, const at::Tensor& sums, const at::Device& device) {
+  TORCH_CHECK(sums.defined(), op, ": sums is an undefined tensor; pass None instead");
+  TORCH_CHECK(sums.device() == device && sums.scalar_type() == at::kDouble &&
+                  sums.numel() == 4 && sums.is_contiguous(),
+              op, ": sums must be a contiguous float64 tensor of 4 elements on ", device,
+              ", got ", sums.scalar_type(), " of shape ", sums.sizes(), " on ", sums.device(),
+              "; pass torch.zeros(4, dtype=torch.float64, device=grads_b[0].device), or None");
 }
 
 // A scalar of the ops' .tensor overloads (lr, scale_b, scale_lb): a one-element float32 or
@@ -103,12 +110,6 @@ inline void check_scalar_tensor(const char* op, const char* name, const at::Tens
               " (or on the CPU), got ", t.scalar_type(), " of shape ", t.sizes(), " on ",
               t.device(), "; pass torch.tensor(value, dtype=torch.float64, device=",
               "params[0].device), or a float to the default overload");
-}
-
-// The value of a .tensor overload's scalar that lies on the CPU (no device read).
-inline double host_scalar(const char* op, const char* name, const at::Tensor& t) {
-  check_scalar_tensor(op, name, t, at::kCPU);
-  return t.item<double>();
 }
 
 }  // namespace gerne

@@ -325,8 +325,7 @@ BUILDER = textwrap.dedent("""
         p, g_b, g_lb, buf = (torch.randn(1000) for _ in range(4))
         q, buf_q = p.clone(), buf.clone()
         kw = dict(lr=0.1, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.01,
-                  maximize=False, is_first_step=False, scale_b=-1.0, scale_lb=2.0,
-                  check_finite=True)
+                  maximize=False, is_first_step=False, scale_b=-1.0, scale_lb=2.0)
         _ops.op("sgd_step_")([p], [g_b], [g_lb], [buf], torch.zeros(()), **kw)
         _reference.sgd_step_([q], [g_b], [g_lb], [buf_q], torch.zeros(()), **kw)
         out["op_matches"] = bool(torch.allclose(p, q, rtol=1e-6, atol=1e-7))

@@ -14,10 +14,10 @@
 // a read pointer and a write pointer, either of which may be null: a null read supplies zeros (a
 // momentum buffer on its first step is written, never read), a null write discards the value (a
 // gradient is read-only). Each element of each stream is thus read once and written at most
-// once. The update op is a functor with
-//     template <typename V> void operator()(V* values) const
-// called with V = Vectorized<float> on full blocks and V = float on the tail of each tensor, so
-// the same gerne_math.h templates serve both.
+// once. The op is a functor with
+//     template <typename T> void operator()(T (&values)[N]) const
+// called with T = Vectorized<float> on full blocks and T = float on the tail of each tensor, so
+// the same gerne_math.h templates serve both. (Reductions: multi_tensor_reduce.h.)
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -29,8 +29,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "float_io.h"
-#include "fused_dtypes.h"
+#include "cpu/float_io.h"
 
 namespace gerne::cpu {
 
@@ -74,18 +73,20 @@ inline WorkList make_work_list(const std::vector<int64_t>& numels) {
   return work;
 }
 
-// The order in which items are claimed; see all_finite for why a pass may want the reverse.
+// The order in which items are claimed. A reduction (the scan) walks the tensors from the last to
+// the first, so that the update pass after it, which starts at the first, begins with the
+// tensors it read last: those still in the cache are not read again.
 enum class ItemOrder { kForward, kReverse };
 
-// Calls fn(chunk) for every chunk of every tensor, in parallel; see the file comment.
+// Calls fn(item, first_chunk, end_chunk) for every item of the work list of tensors of `numels`
+// elements, in parallel; see the file comment.
 template <typename Fn>
-void for_each_chunk(const std::vector<int64_t>& numels, const Fn& fn,
-                    ItemOrder order = ItemOrder::kForward) {
-  const WorkList work = make_work_list(numels);
+void for_each_item(const WorkList& work, const std::vector<int64_t>& numels, const Fn& fn,
+                   ItemOrder order = ItemOrder::kForward) {
   const int64_t items = work.items();
   auto run_item = [&](int64_t claimed) {
     const int64_t i = order == ItemOrder::kForward ? claimed : items - 1 - claimed;
-    for (int64_t c = work.item_begin[i]; c < work.item_begin[i + 1]; ++c) fn(work.chunks[c]);
+    fn(i, work.chunks.data() + work.item_begin[i], work.chunks.data() + work.item_begin[i + 1]);
   };
   int64_t total = 0;
   for (int64_t numel : numels) total += numel;
@@ -113,7 +114,7 @@ struct Streams {
 // Applies op to elements [begin, end) of one tensor's streams: full blocks in SIMD, the rest
 // one element at a time.
 template <typename scalar_t, int N, typename Op>
-void apply_elementwise(const Streams<scalar_t, N>& s, int64_t begin, int64_t end, const Op& op) {
+void apply_elementwise(const Streams<scalar_t, N>& s, int64_t begin, int64_t end, Op& op) {
   using IO = FloatIO<scalar_t>;
   constexpr int K = IO::kVecs;
   static_assert(kAlign % IO::kBlock == 0, "work-list cuts must fall on block boundaries");
@@ -151,8 +152,12 @@ void apply_elementwise(const Streams<scalar_t, N>& s, int64_t begin, int64_t end
 template <typename scalar_t, int N, typename OpFor>
 void multi_tensor_apply(const std::vector<Streams<scalar_t, N>>& streams,
                         const std::vector<int64_t>& numels, const OpFor& op_for) {
-  for_each_chunk(numels, [&](const Chunk& c) {
-    apply_elementwise(streams[c.tensor], c.begin, c.end, op_for(c.tensor));
+  for_each_item(make_work_list(numels), numels, [&](int64_t, const Chunk* first,
+                                                    const Chunk* end) {
+    for (const Chunk* c = first; c != end; ++c) {
+      const auto& op = op_for(c->tensor);
+      apply_elementwise(streams[c->tensor], c->begin, c->end, op);
+    }
   });
 }
 

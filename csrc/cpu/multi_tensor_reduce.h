@@ -1,0 +1,96 @@
+// Reductions on the CPU: one parallel pass that adds every element's terms into a few sums.
+//
+// The op (a reduction description, op_api.h) first transforms each element in float (its
+// operator()), then adds the values, widened to its Sum type (float, or double: two double
+// vectors per float vector), into its sums (accumulate). Each work item (multi_tensor_cpu.h)
+// sums its elements into SIMD lanes and a scalar tail, folds the lanes from the lowest up, and
+// stores its partial sums in a slot of its own; the slots are added in item order once all are
+// done. The sums are therefore the same for any number of threads and any scheduling.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/multi_tensor_cpu.h"
+
+namespace gerne::cpu {
+
+template <typename Sum>
+using SumVec = std::conditional_t<std::is_same_v<Sum, double>, DVec, FVec>;
+
+// The op and its running sums over the elements it is applied to (apply_elementwise's functor).
+template <typename Op>
+class Accumulator {
+ public:
+  using Sum = typename Op::Sum;
+  static constexpr int kSums = Op::kSums;
+  static constexpr int N = Op::kValues;
+
+  explicit Accumulator(const Op& op) : op_(op) {
+    for (int s = 0; s < kSums; ++s) {
+      vector_sums_[s] = SumVec<Sum>(Sum(0));
+      tail_sums_[s] = Sum(0);
+    }
+  }
+
+  void operator()(FVec (&v)[N]) {
+    op_(v);
+    if constexpr (std::is_same_v<Sum, float>) {
+      op_.accumulate(vector_sums_, v);
+    } else {
+      for (int part = 0; part < kWideParts; ++part) {
+        DVec wide[N];
+        for (int j = 0; j < N; ++j) wide[j] = widen_part(v[j], part);
+        op_.accumulate(vector_sums_, wide);
+      }
+    }
+  }
+  void operator()(float (&v)[N]) {
+    op_(v);
+    Sum wide[N];
+    for (int j = 0; j < N; ++j) wide[j] = static_cast<Sum>(v[j]);
+    op_.accumulate(tail_sums_, wide);
+  }
+
+  // The sums so far: the SIMD lanes from the lowest up, then the scalar tail.
+  std::array<Sum, kSums> sums() const {
+    std::array<Sum, kSums> out{};
+    Sum lanes[SumVec<Sum>::size()];
+    for (int s = 0; s < kSums; ++s) {
+      vector_sums_[s].store(lanes);
+      for (int k = 0; k < SumVec<Sum>::size(); ++k) out[s] += lanes[k];
+      out[s] += tail_sums_[s];
+    }
+    return out;
+  }
+
+ private:
+  const Op& op_;
+  SumVec<Sum> vector_sums_[kSums];
+  Sum tail_sums_[kSums];
+};
+
+// The sums of op's terms over every element of every tensor, into total (overwritten).
+template <typename scalar_t, typename Op>
+void multi_tensor_reduce(const std::vector<Streams<scalar_t, Op::kValues>>& streams,
+                         const std::vector<int64_t>& numels, const Op& op,
+                         typename Op::Sum (&total)[Op::kSums]) {
+  using Partial = std::array<typename Op::Sum, Op::kSums>;
+  const WorkList work = make_work_list(numels);
+  std::vector<Partial> partials(static_cast<size_t>(work.items()));
+  for_each_item(work, numels, [&](int64_t item, const Chunk* first, const Chunk* end) {
+    Accumulator<Op> accumulator(op);
+    for (const Chunk* c = first; c != end; ++c) {
+      apply_elementwise(streams[c->tensor], c->begin, c->end, accumulator);
+    }
+    partials[static_cast<size_t>(item)] = accumulator.sums();
+  }, ItemOrder::kReverse);
+  for (int s = 0; s < Op::kSums; ++s) total[s] = 0;
+  for (const Partial& partial : partials) {
+    for (int s = 0; s < Op::kSums; ++s) total[s] += partial[s];
+  }
+}
+
+}  // namespace gerne::cpu
