@@ -41,6 +41,7 @@ statistics) live in one ``TwoBatchRecord`` object, so that a shallow copy of the
 
 import contextlib
 import dataclasses
+import functools
 
 import torch
 from torch.optim import Optimizer
@@ -58,7 +59,7 @@ class TwoBatchRecord:
 
     stash_signature: the parameters' identities when the stash was filled (None: no stash);
     lean_beta, lean_calls: the memory-lean mode's beta and which backwards ran this step;
-    one_backward: extrapolated_loss() built this step's loss;
+    one_backward: the backward of an extrapolated_loss() ran in this step;
     skipped: {device: float32 0-d count of skipped steps}, kept on the device;
     statistics: the last step's GradientStatistics, or None;
     grad_norm: the last step's norm of g before clipping (with max_grad_norm), or None;
@@ -321,8 +322,12 @@ class TwoBatchOptimizer(Optimizer):
         """
         self._refuse_other_modes("extrapolated_loss()", "one-backward")
         beta = self._one_beta("extrapolated_loss(): the one-backward mode")
-        self._record.one_backward = True
-        return extrapolated_loss(loss_b, loss_lb, beta)
+        loss = extrapolated_loss(loss_b, loss_lb, beta)
+        # Marked when its backward runs, not here: Lightning calls training_step (which builds
+        # the loss) before its zero_grad(), which forgets what the step was fed.
+        if loss.requires_grad:
+            loss.register_hook(functools.partial(_mark_one_backward, self._record))
+        return loss
 
     # ----------------------------------------------------------------------------------------
     # The step
@@ -565,6 +570,11 @@ def check_beta_of(group, where, read_tensors=True):
 def extrapolated_loss(loss_b, loss_lb, beta):
     """L_ext = (1 + beta) * loss_lb - beta * loss_b (Eq. 5): one backward gives g exactly."""
     return (1 + beta) * loss_lb - beta * loss_b
+
+
+def _mark_one_backward(record, grad):
+    """Backward hook of extrapolated_loss()'s loss: this step's .grad holds g."""
+    record.one_backward = True
 
 
 def _owned(grad, stash):
