@@ -66,6 +66,7 @@ __all__ = [
     "lb_group_probabilities",
     "attributes_per_class",
     "ClassBalancedSampler",
+    "WeightedClassSampler",
     "TwoBatchSampler",
     "ConcatBatchSampler",
 ]
@@ -204,6 +205,43 @@ class ClassBalancedSampler:
     def __iter__(self) -> Iterator[torch.Tensor]:
         for _ in range(len(self)):
             yield self.sample_b()
+
+
+class WeightedClassSampler(ClassBalancedSampler):
+    """Class-balanced batches drawn non-uniformly inside each class.
+
+    ``batch_size`` samples per class; sample i of class y is drawn (with replacement) with
+    probability ``weights[i] / sum_{j in X_y} weights[j]``. JTT's second stage uses it with
+    ``weights = lambda_up`` on the error set and 1 elsewhere (the error set repeated
+    ``lambda_up`` times). Every class needs a positive total weight.
+    """
+
+    def __init__(self, labels, weights, batch_size: int,
+                 generator: Optional[torch.Generator] = None,
+                 num_classes: Optional[int] = None, steps_per_epoch: Optional[int] = None):
+        super().__init__(labels, batch_size, generator, num_classes, steps_per_epoch)
+        w = torch.as_tensor(weights, dtype=torch.float64).detach().cpu()
+        if w.shape != self.labels.shape:
+            raise ValueError(f"weights must have one entry per sample ({self.labels.numel()}), "
+                             f"got shape {tuple(w.shape)}")
+        if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+            raise ValueError("weights must be finite and non-negative")
+        sizes = self._class_sizes
+        # (K x n_max) table of each class's weights, zero-padded: one multinomial per step
+        table = torch.zeros(self.num_classes, int(sizes.max()), dtype=torch.float64)
+        pos = torch.arange(self.labels.numel()) - self._class_offsets[self.labels[self._class_sorted]]
+        table[self.labels[self._class_sorted], pos] = w[self._class_sorted]
+        zero = torch.nonzero(table.sum(dim=1) == 0).view(-1)
+        if zero.numel():
+            raise ValueError(f"weights: class(es) {zero.tolist()} have total weight 0")
+        self.weights = w
+        self._table = table
+
+    def sample_b(self) -> torch.Tensor:
+        """``batch_size`` draws per class, sample i with probability ``w_i / sum_{X_y} w``."""
+        pos = torch.multinomial(self._table, self.batch_size, replacement=True,
+                                generator=self.generator)
+        return self._class_sorted[(self._class_offsets.view(-1, 1) + pos).view(-1)]
 
 
 class TwoBatchSampler(ClassBalancedSampler):

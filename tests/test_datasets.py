@@ -55,6 +55,16 @@ def test_test_split_is_unbiased_and_complete():
     assert np.all(counts == counts[0, 0]) and counts[0, 0] == 100
 
 
+def test_unbiased_validation_split_is_drawn_like_the_test_split():
+    val = colored_mnist("val", 0.01, size=7, unbiased=True)
+    counts = group_counts(val.y, val.a).numpy()
+    assert np.all(counts == 50)  # 50 validation digits per class, each in all ten colors
+    biased = colored_mnist("val", 0.01, size=7)
+    assert (biased.a == biased.y).float().mean() > 0.95
+    with pytest.raises(ValueError, match="unbiased=True is for the 'val' and 'test'"):
+        colored_mnist("train", 0.01, unbiased=True)
+
+
 def test_pixels_are_the_digit_times_the_color():
     d = colored_mnist("train", 0.05, size=None, n_per_class=60)
     assert d.x.shape == (600, 3, 28, 28) and d.x.dtype == torch.float32

@@ -27,7 +27,9 @@ other colors (so alpha_max = 1 - minority up to rounding and no group is empty w
 n_per_class >= 9 / minority); ``assignment="random"`` draws every sample's color
 independently, as described above, so group sizes are binomial and may be zero.
 The validation split is biased like the train split (``n_per_class`` defaults to its
-number of images), as it would be without group labels.
+number of images), as it would be without group labels; ``unbiased=True`` draws it like
+the test split instead (each of its digits once in every color), the validation set on
+which the paper selects hyperparameters for Colored MNIST.
 """
 from __future__ import annotations
 
@@ -146,7 +148,7 @@ def _images_for_class(images: torch.Tensor, conflicting: torch.Tensor,
 def colored_mnist(split: str = "train", minority: float = 0.01, *, source: str = "mnist",
                   size: Optional[int] = 14, n_per_class: Optional[int] = None, seed: int = 0,
                   assignment: str = "exact", color_noise: float = 0.0,
-                  flatten: bool = False) -> GroupTensors:
+                  flatten: bool = False, unbiased: Optional[bool] = None) -> GroupTensors:
     """Build one split of the offline Colored MNIST; see the module docstring.
 
     Parameters
@@ -161,16 +163,23 @@ def colored_mnist(split: str = "train", minority: float = 0.01, *, source: str =
     assignment: "exact" or "random" minority assignment.
     color_noise: std of Gaussian noise added to each sample's RGB color.
     flatten: return x as (N, 3*H*W) instead of (N, 3, H, W).
+    unbiased: every digit of the split once in each of the ten colors (default: only for
+        "test"; ``True`` with "val" gives a validation set drawn like the test set).
     """
     if split not in _SPLIT_FRACTIONS:
         raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
     if not (0.0 <= float(minority) <= 0.9):
         raise ValueError(f"minority must be a ratio in [0, 0.9], got {minority!r}")
+    if unbiased is None:
+        unbiased = split == "test"
+    if split == "train" and unbiased:
+        raise ValueError("unbiased=True is for the 'val' and 'test' splits; the train split "
+                         "has the minority ratio")
     imgs, per_class = _split_images(source, split)
     g = torch.Generator().manual_seed(int(seed) * 7919 + {"train": 0, "val": 1, "test": 2}[split])
     img_idx, ys, cols = [], [], []
     for y, idx in enumerate(per_class):
-        if split == "test":
+        if unbiased:
             img_idx.append(idx.repeat_interleave(10))
             cols.append(torch.arange(10).repeat(idx.numel()))
             ys.append(torch.full((idx.numel() * 10,), y, dtype=torch.long))
