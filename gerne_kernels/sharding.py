@@ -11,6 +11,12 @@ dimension every rank holds the same values already).
 ZeroRedundancyOptimizer gives each rank's optimizer only its shard of the parameters, so a GERNE
 inside it could not move the other parameters' biased gradient aside and DDP would mix it into
 g_lb: that is refused with an error (``refuse_zero_redundancy``).
+
+torch.distributed.checkpoint's get/set_optimizer_state_dict prime an optimizer whose ``state``
+is empty with a step at lr = 0 on zero gradients (``_init_optim_state``). GERNEWrapper's own
+state only ever holds a pending stash, so DCP primes it even when its base optimizer has state,
+and that step would still advance the base's step counts and decay its moments:
+``called_by_dcp_priming`` lets the wrapper recognise it (and skip the base step then).
 """
 
 import sys
@@ -81,16 +87,30 @@ def all_reduce_step_flags(params, found_per_device, sums_per_device):
             sums.copy_(packed[1:])
 
 
+def _callers(depth):
+    """Up to ``depth`` frames, innermost first, from the caller of the function calling this."""
+    frames, frame = [], sys._getframe(2)
+    while frame is not None and len(frames) < depth:
+        frames.append(frame)
+        frame = frame.f_back
+    return frames
+
+
+def called_by_dcp_priming():
+    """True when torch.distributed.checkpoint's priming step (``_init_optim_state``: lr = 0,
+    zero gradients, on an optimizer with an empty ``state``) is the caller."""
+    return any(frame.f_code.co_name == "_init_optim_state"
+               and frame.f_globals.get("__name__") == "torch.distributed.checkpoint.state_dict"
+               for frame in _callers(16))
+
+
 def refuse_zero_redundancy(optimizer_name):
     """Raises when the caller is being constructed by ZeroRedundancyOptimizer."""
     module = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
     zero = getattr(module, "ZeroRedundancyOptimizer", None) if module is not None else None
     if zero is None:
         return
-    frame = sys._getframe(1)
-    for _ in range(12):
-        if frame is None:
-            return
+    for frame in _callers(12):
         if isinstance(frame.f_locals.get("self"), zero):
             raise TypeError(
                 f"{optimizer_name} cannot run inside ZeroRedundancyOptimizer: ZeRO gives each "
@@ -98,4 +118,3 @@ def refuse_zero_redundancy(optimizer_name):
                 "the other parameters would stay in .grad and DDP would mix it into the "
                 "less-biased one. Shard with FSDP2 (torch.distributed.fsdp.fully_shard) "
                 "instead, or use GERNE under plain DDP.")
-        frame = frame.f_back

@@ -14,6 +14,7 @@ schedules work through either object.
 import torch
 from torch.optim import Optimizer
 
+from . import sharding
 from .buckets import PERMUTED, layout_of, same_strides
 from .two_batch import TwoBatchOptimizer, check_beta_of
 
@@ -107,6 +108,8 @@ class GERNEWrapper(TwoBatchOptimizer):
             impl.op("extrapolate_")(bucket.grads_lb, bucket.grads_b, bucket.grads_lb,
                                     found_per_device[bucket.device], scale_b=bucket.scale_b,
                                     scale_lb=bucket.scale_lb)
+        if self.base.state and sharding.called_by_dcp_priming():
+            return  # DCP primes this wrapper (its own state is empty), not a base with state
         if not self._may_skip() or not any(float(found) != 0
                                            for found in found_per_device.values()):
             self.base.step()
@@ -152,8 +155,11 @@ class GERNEWrapper(TwoBatchOptimizer):
             self._check_group(group, f" (param group {i})")
         self.state.clear()
         self._drop_stash()
-        params = self._params()
+        # The state's keys are the saved groups' "params" (indices; names under DCP's
+        # set_optimizer_state_dict), in the order of this optimizer's parameters.
+        saved = [i for group in base["param_groups"] for i in group["params"]]
+        params = dict(zip(saved, self._params()))
         for index, grad_b in stashes.items():
-            p = params[int(index)]
+            p = params[index] if index in params else self._params()[int(index)]
             self.state[p]["grad_b"] = grad_b.to(device=p.device, dtype=p.dtype)
         self._restore_checkpoint_extras(legacy)
