@@ -372,7 +372,8 @@ class TwoBatchOptimizer(Optimizer):
                                    f"scaled the losses with beta = {record.lean_beta}; change "
                                    "beta between steps only (zero_grad() and redo this step)")
         elif (not self.has_stash() and not record.one_backward
-              and any(g["beta"] != 0 for g in self.param_groups) and not self._priming()):
+              and any(g["beta"] != 0 for g in self.param_groups) and not self._priming()
+              and any(p.grad is not None for p in self._params())):  # no gradient: a no-op
             raise RuntimeError("step() needs the biased batch's gradient g_b: call "
                                "opt.stash_biased() after loss_b.backward() and before "
                                "loss_lb.backward(), or build the loss with "
