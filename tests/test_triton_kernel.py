@@ -1,16 +1,26 @@
-"""The Triton kernels: in Triton's interpreter on the CPU (always), and compiled on a GPU
-(skipped without one), both against the reference path (tests/triton_checks.py).
+"""What is particular to the Triton backend (gerne_kernels/triton_kernels); every op against the
+reference on every backend is tests/ops' job. Four kinds of checks:
 
-The interpreter is picked when a kernel is decorated, i.e. when gerne_kernels.triton_kernels is
-first imported, and this session imports it without TRITON_INTERPRET. So the interpreter tests
-(tests/interpret/) run in a subprocess with TRITON_INTERPRET=1; its failures fail
-test_triton_kernels_in_the_interpreter with the subprocess's report. A session started with
-TRITON_INTERPRET=1 collects tests/interpret/ directly instead.
+  host logic     the launch skeleton with launch.launch_kernel patched to record instead of
+                 launch: launch counts, grouping by dtype and alignment, the CUDA graph capture
+                 rules (graph_capture.stream_is_capturing patched), argument errors. No GPU, no
+                 interpreter: nothing runs on a device.
+  interpreter    the kernels in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, which
+                 must be set before triton is imported: this file runs itself in a subprocess
+                 for them): Lion and scan_ against the reference, skips, empty calls, misaligned
+                 views, mixed dtypes, both overloads, a capture through the arena.
+  compiled, AOT  every kernel variant compiled for sm_80 and sm_90 without a GPU, its PTX read
+                 for 16-byte vector accesses where the host promises alignment and none where
+                 it does not.
+  GPU            on a CUDA device (skipped without one): CUDA graph capture of whole steps,
+                 tables across streams, tensors beyond 2^31 elements.
 """
 
+import contextlib
 import copy
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -18,66 +28,538 @@ import pytest
 import torch
 
 import gerne_kernels
-from gerne_kernels import _reference
-from triton_checks import (ADAM_HYPERS, SGD_HYPERS, adam_state, check_adam,
-                           check_capture_with_cold_tables, check_extrapolate,
-                           check_found_inf_of_shape_one, check_gerne_against_torch_optim,
-                           check_sgd, check_skipped, fused_op, gradients, random_tensors, scales)
+from gerne_kernels import _ops, _reference
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-HAS_GPU = HAS_TRITON and torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
-INTERPRETER_TIMEOUT_S = 900
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_GPU = HAS_TRITON and torch.cuda.is_available() and not INTERPRET
+SUBPROCESS_TIMEOUT_S = 900
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+interpreter_only = pytest.mark.skipif(not INTERPRET, reason="runs in the interpreter subprocess "
+                                      "(test_in_the_interpreter)")
+gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device and triton")
+
+SGD = dict(lr=0.05, momentum=0.8, dampening=0.0, nesterov=True, weight_decay=0.02,
+           maximize=False, is_first_step=False)
+ADAM = dict(lr=1e-2, beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.05, amsgrad=True,
+            maximize=True, decoupled_weight_decay=True)
+LION = dict(lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.1, maximize=False)
+SCALES = dict(scale_b=-1.5, scale_lb=2.5)
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
-                    reason="TRITON_INTERPRET=1: tests/interpret/ runs in this session itself")
-def test_triton_kernels_in_the_interpreter():
-    """tests/interpret/ in a fresh interpreter-mode process: ops vs reference, GERNE vs
-    torch.optim. The subprocess imports the same gerne_kernels as this session."""
+def tk():
+    import gerne_kernels.triton_kernels as triton_kernels
+    return triton_kernels
+
+
+def randoms(sizes, dtype=torch.float32, device="cpu", seed=0, scale=1.0, uniform=False):
+    generator = torch.Generator().manual_seed(seed)
+    draw = torch.rand if uniform else torch.randn
+    return [(draw(n, generator=generator) * scale).to(device=device, dtype=dtype)
+            for n in sizes]
+
+
+def problem(op_name, sizes, dtype=torch.float32, device="cpu", seed=0):
+    """(args, kwargs) of one call of the op (found_inf last of args), fresh tensors."""
+    params = randoms(sizes, dtype, device, seed)
+    g_b, g_lb = randoms(sizes, dtype, device, seed + 1), randoms(sizes, dtype, device, seed + 2)
+    found_inf = torch.zeros((), device=device)
+    if op_name == "sgd_step_":
+        return [params, g_b, g_lb, randoms(sizes, dtype, device, seed + 3), found_inf], \
+            dict(SGD, **SCALES)
+    if op_name == "adam_step_":
+        v = randoms(sizes, dtype, device, seed + 4, 0.01, uniform=True)
+        vmax = [x + 0.01 for x in v]
+        steps = [torch.tensor(float(i % 3), device=device) for i in range(len(sizes))]
+        return [params, g_b, g_lb, randoms(sizes, dtype, device, seed + 3, 0.1), v, vmax, steps,
+                found_inf], dict(ADAM, **SCALES)
+    if op_name == "lion_step_":
+        return [params, g_b, g_lb, randoms(sizes, dtype, device, seed + 3, 0.1), found_inf], \
+            dict(LION, **SCALES)
+    if op_name == "extrapolate_":
+        return [params, g_b, g_lb, found_inf], dict(SCALES)
+    return [g_b, g_lb, found_inf, torch.zeros(4, dtype=torch.float64, device=device)], \
+        dict(SCALES)
+
+
+def implementation(op_name):
+    return tk().IMPLEMENTATIONS["triton_" + op_name]
+
+
+@contextlib.contextmanager
+def recorded_launches():
+    """Replaces the one launching function: yields the list of (kernel name, programs,
+    arguments) that the ops would have launched."""
+    from gerne_kernels.triton_kernels import launch
+    launches = []
+    saved = launch.launch_kernel
+    launch.launch_kernel = lambda kernel, programs, arguments, num_warps: launches.append(
+        (kernel.fn.__name__, programs, arguments))
+    try:
+        yield launches
+    finally:
+        launch.launch_kernel = saved
+
+
+@contextlib.contextmanager
+def capturing(flag=True):
+    """Makes the ops see a capturing stream (graph_capture's one question to CUDA)."""
+    from gerne_kernels.triton_kernels import graph_capture
+    saved = graph_capture.stream_is_capturing
+    graph_capture.stream_is_capturing = lambda device: flag
+    try:
+        yield
+    finally:
+        graph_capture.stream_is_capturing = saved
+
+
+# ---------------------------------------------------------------------------------------------
+# Host logic (no device, no interpreter)
+
+@needs_triton
+def test_every_registry_op_has_a_triton_twin_for_both_overloads():
+    triton_kernels = tk()
+    keys = ("CUDA", "CPU") if INTERPRET else ("CUDA",)
+    for spec in _ops.OPS:
+        module = importlib.import_module(
+            f"gerne_kernels.triton_kernels.{triton_kernels.module_name(spec)}")
+        assert triton_kernels.IMPLEMENTATIONS[spec.triton_name] is getattr(module, spec.name)
+        for overload in _ops.OVERLOADS:
+            name = spec.triton_name + ("" if overload == "default" else "." + overload)
+            for key in keys:
+                assert torch._C._dispatch_has_kernel_for_dispatch_key(
+                    f"{_ops.NAMESPACE}::{name}", key), (name, key)
+
+
+LAUNCHES_PER_OP = {"sgd_step_": 1, "adam_step_": 2, "lion_step_": 1, "extrapolate_": 1,
+                   "scan_": 2}
+
+
+@needs_triton
+@pytest.mark.parametrize("op_name", list(LAUNCHES_PER_OP))
+def test_launches_per_call_of_200_tensors(op_name):
+    """One launch covers every tensor (Adam: step counts, then the update; scan_ with sums:
+    the chunks, then their sum); nothing else is launched (no torch op around them: those
+    would show in the interpreter runs, not here)."""
+    sizes = [(i * 37) % 3000 + 1 for i in range(200)]
+    args, kwargs = problem(op_name, sizes)
+    with recorded_launches() as launches:
+        implementation(op_name)(*args, **kwargs)
+    assert len(launches) == LAUNCHES_PER_OP[op_name], [name for name, _, _ in launches]
+    assert all(arguments["tensor_count"] == 200 for _, _, arguments in launches)
+
+
+@needs_triton
+def test_a_default_adam_step_is_at_most_four_launches():
+    sizes = [(i * 37) % 3000 + 1 for i in range(200)]
+    scan_args, _ = problem("scan_", sizes)
+    args, kwargs = problem("adam_step_", sizes)
+    with recorded_launches() as launches:
+        implementation("scan_")(args[1], args[2], args[-1], None, **SCALES)
+        implementation("adam_step_")(*args, **kwargs)
+    assert len(launches) == 3
+
+
+@needs_triton
+def test_misaligned_tensors_launch_apart_from_aligned_ones():
+    """A view at a 4-byte offset does not cost the aligned tensors their vector accesses."""
+    storage = torch.zeros(4097)
+    args, kwargs = problem("sgd_step_", [100, 4096, 7])
+    args[0][1] = storage[1:]
+    with recorded_launches() as launches:
+        implementation("sgd_step_")(*args, **kwargs)
+    groups = sorted((arguments["ALIGNED"], arguments["tensor_count"])
+                    for _, _, arguments in launches)
+    assert groups == [(False, 1), (True, 2)]
+
+
+@needs_triton
+def test_mixed_dtypes_launch_per_dtype_combination():
+    import triton.language as tl
+
+    args, kwargs = problem("extrapolate_", [10, 20, 30, 40])
+    args[0][1] = args[0][1].to(torch.bfloat16)
+    args[1][3] = args[1][3].to(torch.float16)
+    with recorded_launches() as launches:
+        implementation("extrapolate_")(*args, **kwargs)
+    combos = sorted((str(a["OUT_DTYPE"]), str(a["G_B_DTYPE"]), a["tensor_count"])
+                    for _, _, a in launches)
+    assert combos == sorted([(str(tl.float32), str(tl.float32), 2),
+                             (str(tl.bfloat16), str(tl.float32), 1),
+                             (str(tl.float32), str(tl.float16), 1)])
+
+
+@needs_triton
+def test_empty_calls_launch_nothing_and_empty_tensors_get_no_programs():
+    with recorded_launches() as launches:
+        implementation("sgd_step_")([], [], [], [], torch.zeros(()), **SGD, **SCALES)
+        implementation("scan_")([], [], torch.zeros(()), torch.zeros(4, dtype=torch.float64),
+                                **SCALES)
+        implementation("extrapolate_")(*problem("extrapolate_", [0, 0])[0], **SCALES)
+    assert launches == []
+    args, kwargs = problem("adam_step_", [0, 0])
+    with recorded_launches() as launches:
+        implementation("adam_step_")(*args, **kwargs)
+    # the step counts of empty tensors still advance (as in the reference): the prologue only
+    assert [(name, programs) for name, programs, _ in launches] == [
+        ("adam_step_count_kernel", 2)]
+
+
+@needs_triton
+def test_capture_refuses_a_kernel_variant_never_launched_eagerly():
+    """Compiling or loading a module while a stream captures is not permitted: a variant
+    (here: a block size no other test uses) not yet launched eagerly raises, naming the fix."""
+    args, kwargs = problem("sgd_step_", [33, 2000])
+    with recorded_launches() as launches, tk().launch_settings(block_size=32):
+        implementation("sgd_step_")(*args, **kwargs)  # eager: records it, creates the arena
+        with capturing(), pytest.raises(RuntimeError, match="one eager step"):
+            implementation("sgd_step_")(*args, **dict(kwargs, maximize=True))
+        assert len(launches) == 1, "a refused capture launched something"
+        with capturing():  # the variant of the eager call
+            implementation("sgd_step_")(*args, **kwargs)
+    assert len(launches) == 2
+
+
+@needs_triton
+def test_capture_takes_tables_from_the_arena_never_from_or_into_the_cache():
+    from gerne_kernels.triton_kernels import graph_capture, table_cache
+
+    args, kwargs = problem("lion_step_", [33, 2000, 5])
+    with recorded_launches() as launches:
+        implementation("lion_step_")(*args, **kwargs)
+        arena = graph_capture._arenas[torch.device("cpu")]
+        with capturing():
+            implementation("lion_step_")(*args, **kwargs)
+            implementation("lion_step_")(*args, **kwargs)
+        implementation("lion_step_")(*args, **kwargs)
+    tables = [arguments["table_ptr"] for _, _, arguments in launches]
+    in_arena = [t.untyped_storage().data_ptr() == arena.device.untyped_storage().data_ptr()
+                for t in tables]
+    assert in_arena == [False, True, True, False]
+    assert tables[1].data_ptr() != tables[2].data_ptr(), "an arena slice was handed out twice"
+    assert torch.equal(tables[1], tables[2]) and torch.equal(tables[1], tables[0])
+    assert not table_cache._recent or all(
+        entry.table.data_ptr() not in (tables[1].data_ptr(), tables[2].data_ptr())
+        for entry in table_cache._recent.values())
+
+
+@needs_triton
+def test_an_exhausted_capture_arena_raises():
+    from gerne_kernels.triton_kernels import graph_capture
+
+    args, kwargs = problem("extrapolate_", [3] * 50)
+    with recorded_launches():
+        implementation("extrapolate_")(*args, **kwargs)
+        arena = graph_capture._arenas[torch.device("cpu")]
+        saved = arena.used
+        arena.used = arena.host.numel() - 10
+        try:
+            with capturing(), pytest.raises(RuntimeError, match="capture arena .* is full"):
+                implementation("extrapolate_")(*args, **kwargs)
+        finally:
+            arena.used = saved
+
+
+@needs_triton
+def test_argument_errors():
+    sgd = implementation("sgd_step_")
+    p, g = [torch.zeros(4, 3)], [torch.zeros(4, 3)]
+    hyper = dict(SGD, **SCALES)
+    with recorded_launches():
+        with pytest.raises(ValueError, match="momentum_buffers has 0 tensors"):
+            sgd(p, g, g, [], torch.zeros(()), **hyper)
+        with pytest.raises(ValueError, match="not contiguous"):
+            sgd(p, [torch.zeros(3, 4).t()], g, [torch.zeros(4, 3)], torch.zeros(()), **hyper)
+        with pytest.raises(ValueError, match="has 11 elements"):
+            sgd(p, [torch.zeros(11)], g, [torch.zeros(4, 3)], torch.zeros(()), **hyper)
+        with pytest.raises(TypeError, match="found_inf must be a float32"):
+            sgd(p, g, g, [torch.zeros(4, 3)], torch.zeros((), dtype=torch.float64), **hyper)
+        f64 = [torch.zeros(2, dtype=torch.float64)]
+        with pytest.raises(TypeError, match="float64"):
+            sgd(f64, f64, f64, f64, torch.zeros(()), **hyper)
+        with pytest.raises(TypeError, match="state_steps"):
+            implementation("adam_step_")(p, g, g, [torch.zeros(4, 3)], [torch.zeros(4, 3)], [],
+                                         [torch.zeros((), dtype=torch.int64)], torch.zeros(()),
+                                         **dict(ADAM, amsgrad=False), **SCALES)
+        with pytest.raises(TypeError, match="sums must be"):
+            implementation("scan_")(g, g, torch.zeros(()), torch.zeros(4), **SCALES)
+        with pytest.raises(ValueError, match="grads_lb has 2 tensors"):
+            implementation("scan_")(g, g + g, torch.zeros(()), None, **SCALES)
+        with pytest.raises(TypeError, match="one-element float32 or float64"):
+            sgd(p, g, g, [torch.zeros(4, 3)], torch.zeros(()),
+                **dict(hyper, lr=torch.zeros(2), scale_b=torch.zeros(()),
+                       scale_lb=torch.zeros(())))
+
+
+# ---------------------------------------------------------------------------------------------
+# The interpreter
+
+def run_this_file(keyword, interpret):
+    """This file's tests matching ``keyword`` in a fresh process with TRITON_INTERPRET set to
+    ``interpret`` (Triton reads it when a kernel is decorated, so a session cannot switch),
+    importing the same gerne_kernels as this session; fails with its report."""
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(gerne_kernels.__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    env = dict(os.environ, TRITON_INTERPRET="1" if interpret else "0")
     env["PYTHONPATH"] = os.pathsep.join(
         [package_root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    interpret_dir = os.path.join(TESTS, "interpret")
-    command = [sys.executable, "-m", "pytest", interpret_dir, "-q", "-p", "no:cacheprovider",
-               f"--confcutdir={interpret_dir}", "--durations=5"]
-    result = subprocess.run(command, env=env, cwd=TESTS, capture_output=True, text=True,
-                            timeout=INTERPRETER_TIMEOUT_S)
+    here = os.path.abspath(__file__)
+    command = [sys.executable, "-m", "pytest", here, "-q", "-p", "no:cacheprovider",
+               "-k", keyword, "--durations=5"]
+    result = subprocess.run(command, env=env, cwd=os.path.dirname(here), capture_output=True,
+                            text=True, timeout=SUBPROCESS_TIMEOUT_S)
     report = (result.stdout + result.stderr)[-12000:]
-    assert result.returncode == 0, f"interpreter tests failed:\n{report}"
+    assert result.returncode == 0, f"the subprocess's tests failed:\n{report}"
+    assert " passed" in report and " skipped" not in report, report
+
+
+@needs_triton
+@pytest.mark.skipif(INTERPRET, reason="this session runs them itself")
+def test_in_the_interpreter():
+    """The interpreter tests, from a session with compiled kernels (a GPU machine's)."""
+    run_this_file("interpreter_", interpret=True)
+
+
+def op(op_name, overload="default"):
+    tk()
+    return _ops.op("triton_" + op_name, overload)
+
+
+def run_both(op_name, args, kwargs):
+    """(triton's arguments, the reference's arguments) after one call of each on copies."""
+    outcome = []
+    for function in (op(op_name), getattr(_reference, op_name)):
+        call = copy.deepcopy(args)
+        function(*call, **kwargs)
+        outcome.append(call)
+    return outcome
+
+
+def assert_close_lists(actual, expected, **tolerance):
+    for a, e in zip(actual, expected):
+        if isinstance(a, list):
+            assert_close_lists(a, e, **tolerance)
+        else:
+            torch.testing.assert_close(a, e, **tolerance)
+
+
+# Odd sizes, an empty tensor, one element, tensors over several 1024-element blocks.
+SIZES = [5, 1024, 0, 1, 2500, 33]
+LION_HYPERS = [dict(LION), dict(LION, weight_decay=0.0, maximize=True),
+               dict(lr=3e-2, beta1=0.0, beta2=0.5, weight_decay=0.5, maximize=True)]
+
+
+def bits(t):
+    return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+
+def lion_steps(function, args, kwargs, steps=3):
+    call = copy.deepcopy(args)
+    for _ in range(steps):
+        function(*call, **kwargs)
+    return call
+
+
+@interpreter_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("hyper", LION_HYPERS, ids=["wd", "maximize", "beta1=0"])
+@pytest.mark.parametrize("overload", ["default", "tensor"])
+def test_interpreter_lion_is_the_reference_operation_for_operation(dtype, hyper, overload):
+    """Three Lion steps, bit for bit the reference's. scale_b = 0 here: the reference forms g
+    with one fused multiply-add (torch's add with alpha), every fused kernel with two roundings,
+    and with scale_b = 0 both are the one rounding of scale_lb * g_lb."""
+    args, _ = problem("lion_step_", SIZES, dtype)
+    kwargs = dict(hyper, scale_b=0.0, scale_lb=2.5)
+    scalars = {k: torch.tensor(v, dtype=torch.float64) for k, v in kwargs.items()
+               if k in _ops.TENSOR_SCALARS} if overload == "tensor" else {}
+    actual = lion_steps(op("lion_step_", overload), args, dict(kwargs, **scalars))
+    expected = lion_steps(_reference.lion_step_, args, kwargs)
+    for a, e in zip(actual[0] + actual[3], expected[0] + expected[3]):
+        assert torch.equal(bits(a), bits(e))
+    assert actual[-1].item() == 0
+
+
+@interpreter_only
+@pytest.mark.parametrize("hyper", LION_HYPERS, ids=["wd", "maximize", "beta1=0"])
+def test_interpreter_lion_with_both_batches_is_within_float_rounding(hyper):
+    args, kwargs = problem("lion_step_", SIZES)
+    kwargs = dict(hyper, **SCALES)
+    actual = lion_steps(op("lion_step_"), args, kwargs)
+    expected = lion_steps(_reference.lion_step_, args, kwargs)
+    assert_close_lists(actual[0] + actual[3], expected[0] + expected[3], rtol=2e-6, atol=1e-6)
+
+
+@interpreter_only
+def test_interpreter_lion_sign_of_zero_leaves_p_unchanged():
+    """sign(0) = 0 (and torch.sign(NaN) = 0): with m = 0 and g = 0, p only decays."""
+    p = [torch.tensor([1.0, -2.0, 0.0])]
+    zeros = [torch.zeros(3)]
+    m = [torch.zeros(3)]
+    op("lion_step_")(p, zeros, zeros, m, torch.zeros(()), **dict(LION, weight_decay=0.0),
+                     **SCALES)
+    assert torch.equal(p[0], torch.tensor([1.0, -2.0, 0.0])) and torch.equal(m[0], zeros[0])
+
+
+@interpreter_only
+@pytest.mark.parametrize("overload", ["default", "tensor"])
+@pytest.mark.parametrize("with_lb", [True, False], ids=["both", "g_b_alone"])
+def test_interpreter_scan_sums_match_the_reference(overload, with_lb):
+    """Sums of g^2, g_b^2, g_lb^2, g_b g_lb, added into sums; the scan is deterministic."""
+    sizes = SIZES + [3000]
+    g_b, g_lb = randoms(sizes, seed=1), randoms(sizes, seed=2, scale=3.0)
+    if not with_lb:
+        g_lb = []
+    scales = dict(SCALES)
+    if overload == "tensor":
+        scales = {k: torch.tensor(v, dtype=torch.float64) for k, v in scales.items()}
+    start = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    outcome = []
+    for function in (op("scan_", overload), op("scan_", overload), _reference.scan_):
+        found_inf, sums = torch.zeros(()), start.clone()
+        function(g_b, g_lb, found_inf, sums, **scales)
+        outcome.append((found_inf, sums))
+    (f1, s1), (f2, s2), (f_ref, s_ref) = outcome
+    assert f1.item() == f_ref.item() == 0
+    assert torch.equal(s1, s2), "the same scan gave different sums"
+    torch.testing.assert_close(s1, s_ref, rtol=1e-6, atol=0)  # g in float32 vs float64
+
+
+@interpreter_only
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("where", [(0, 0, 0), (0, 4, 2499), (1, 1, 1023), (1, 5, 32)],
+                         ids=["g_b_first", "g_b_late_block", "g_lb_block_end", "g_lb_last"])
+def test_interpreter_scan_finds_nonfinite_anywhere(value, where):
+    batch, tensor, element = where
+    grads = [randoms(SIZES, torch.bfloat16, seed=1), randoms(SIZES, torch.bfloat16, seed=2)]
+    grads[batch][tensor][element] = value
+    found_inf = torch.zeros(())
+    op("scan_")(*grads, found_inf, None, **SCALES)
+    assert found_inf.item() == 1.0
+    clean = torch.full((), 3.0)  # a set flag is never cleared
+    op("scan_")(randoms(SIZES), randoms(SIZES), clean, None, **SCALES)
+    assert clean.item() == 3.0
+
+
+UPDATE_OPS = ["sgd_step_", "adam_step_", "lion_step_", "extrapolate_"]
+
+
+@interpreter_only
+@pytest.mark.parametrize("op_name", UPDATE_OPS)
+@pytest.mark.parametrize("overload", ["default", "tensor"])
+def test_interpreter_found_inf_on_entry_changes_nothing(op_name, overload):
+    args, kwargs = problem(op_name, SIZES)
+    args[-1].fill_(2.5)
+    if overload == "tensor":
+        kwargs = {k: torch.tensor(v) if k in _ops.TENSOR_SCALARS else v
+                  for k, v in kwargs.items()}
+    call = copy.deepcopy(args)
+    op(op_name, overload)(*call, **kwargs)
+    for before, after in zip(args, call):
+        for x, y in zip(before if isinstance(before, list) else [before],
+                        after if isinstance(after, list) else [after]):
+            assert torch.equal(x.view(torch.int32), y.view(torch.int32)), op_name
+
+
+@interpreter_only
+@pytest.mark.parametrize("op_name", UPDATE_OPS + ["scan_"])
+@pytest.mark.parametrize("scalar_dtype", [torch.float64, torch.float32], ids=str)
+def test_interpreter_tensor_overload_gives_the_default_overloads_bits(op_name, scalar_dtype):
+    args, kwargs = problem(op_name, SIZES)
+    results = []
+    for overload in ("default", "tensor"):
+        call = copy.deepcopy(args)
+        values = {k: v for k, v in kwargs.items() if k in _ops.TENSOR_SCALARS}
+        tensors = {k: torch.tensor(v, dtype=scalar_dtype) for k, v in values.items()}
+        floats = {k: float(t) for k, t in tensors.items()}  # the tensors' values
+        op(op_name, overload)(*call, **dict(kwargs, **(tensors if overload == "tensor"
+                                                       else floats)))
+        results.append(call)
+    for a, b in zip(*results):
+        for x, y in zip(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b]):
+            assert torch.equal(x, y), op_name
+
+
+@interpreter_only
+@pytest.mark.parametrize("op_name", UPDATE_OPS)
+def test_interpreter_misaligned_views_and_mixed_dtypes_match_the_reference(op_name):
+    """t[1:] views of float32 storage and lists mixing dtypes (separate launches) give what
+    aligned float32 tensors give, up to the storage rounding of the reduced dtypes."""
+    sizes = [7, 1500, 3]
+    args, kwargs = problem(op_name, sizes)
+    storage = torch.zeros(1501)
+    args[0][1] = storage[1:].copy_(args[0][1])
+    args[1][2] = args[1][2].to(torch.bfloat16)
+    args[2][0] = args[2][0].to(torch.float16)
+    actual, expected = run_both(op_name, args, kwargs)
+    assert_close_lists(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+@interpreter_only
+def test_interpreter_extrapolate_into_grads_lb():
+    g_b, g_lb = randoms(SIZES, seed=1), randoms(SIZES, seed=2)
+    expected = [(2.5 * lb - 1.5 * b) for b, lb in zip(g_b, g_lb)]
+    op("extrapolate_")(g_lb, g_b, g_lb, torch.zeros(()), **SCALES)
+    assert_close_lists(g_lb, expected, rtol=1e-6, atol=1e-6)
+
+
+@interpreter_only
+def test_interpreter_adam_counts_steps_of_empty_tensors_and_skips_on_found_inf():
+    args, kwargs = problem("adam_step_", [0, 3, 0])
+    steps = args[6]
+    op("adam_step_")(*args, **kwargs)
+    assert [s.item() for s in steps] == [1.0, 2.0, 3.0]
+    args[-1].fill_(1.0)
+    op("adam_step_")(*args, **kwargs)
+    assert [s.item() for s in steps] == [1.0, 2.0, 3.0]
+
+
+@interpreter_only
+@pytest.mark.parametrize("op_name", ["adam_step_", "scan_"])
+def test_interpreter_a_captured_call_reads_its_arena_table(op_name):
+    """The capture path end to end on CPU tensors: the call whose table comes from the arena
+    computes what the eager call computes."""
+    args, kwargs = problem(op_name, SIZES)
+    eager, captured = copy.deepcopy(args), copy.deepcopy(args)
+    op(op_name)(*eager, **kwargs)
+    with capturing():
+        op(op_name)(*captured, **kwargs)
+    for a, b in zip(eager, captured):
+        for x, y in zip(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b]):
+            assert torch.equal(x, y)
 
 
 # ---------------------------------------------------------------------------------------------
 # Compiled ahead of time for sm_80 and sm_90, without a GPU: triton.compile runs the same
-# front end, LLVM and ptxas as a launch on a device would, so GPU-only compile errors show in CI.
+# front end, LLVM and ptxas as a launch on a device would, so GPU-only compile errors show here.
 
-def compile_for_gpu(kernel, arch, dtype, constexprs, aligned):
-    """PTX of one kernel variant. Argument types follow their names: *_ptr / *_like tensors
-    (the tables int64/int32, found_inf and step float32, the rest ``dtype``), numel int64,
-    other scalars float32. ``aligned`` gives every tensor 16-byte alignment, as the launcher
-    specialises for aligned arguments."""
+POINTER_ARGUMENTS = {"table_ptr": "*i64", "found_inf_ptr": "*fp32", "sums_ptr": "*fp64"}
+SCRATCH = {"adam_step_count_kernel": "*fp32", "adam_step_kernel": "*fp32",
+           "scan_kernel": "*fp64", "scan_sums_kernel": "*fp64"}
+TENSOR_SCALARS = set(_ops.TENSOR_SCALARS)
+
+
+def compile_for_gpu(kernel, arch, constexprs, num_warps=4):
+    """PTX of one kernel variant, with the argument types the launch skeleton gives: the table
+    and other pointers 16-byte aligned (as allocations are), tensor_count int32, lr / scale_b /
+    scale_lb float64 pointers with SCALARS_IN_MEMORY, other scalars float32."""
     import inspect
 
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    special = {"table_ptr": "*i64", "chunks_ptr": "*i32", "found_inf_ptr": "*fp32",
-               "step_ptr": "*fp32"}
     signature, attrs = {}, {}
     for index, name in enumerate(kernel.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name.endswith("_ptr") or name.endswith("_like"):
-            signature[name] = special.get(name, "*" + dtype)
-            if aligned:
-                attrs[(index,)] = [["tt.divisibility", 16]]
-        elif name == "numel":
-            signature[name] = "i64"
-        elif constexprs.get("SCALARS_IN_MEMORY") and name in IN_MEMORY_SCALARS:
+        elif name in POINTER_ARGUMENTS or name == "scratch_ptr":
+            signature[name] = POINTER_ARGUMENTS.get(name) or SCRATCH[kernel.fn.__name__]
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif name == "tensor_count":
+            signature[name] = "i32"
+        elif constexprs.get("SCALARS_IN_MEMORY") and name in TENSOR_SCALARS:
             signature[name] = "*fp64"
+            attrs[(index,)] = [["tt.divisibility", 16]]
         else:
             signature[name] = "fp32"
     names = inspect.signature(ASTSource).parameters
@@ -85,129 +567,178 @@ def compile_for_gpu(kernel, arch, dtype, constexprs, aligned):
     source = ASTSource(fn=kernel, signature=signature, attrs=attrs,
                        **{constant_key: constexprs})
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=4))
+                              options=dict(num_warps=num_warps))
     return compiled.asm["ptx"]
 
 
-# The arguments that become float64 pointers with SCALARS_IN_MEMORY (the .tensor overloads).
-IN_MEMORY_SCALARS = {"lr", "lr_hi", "scale_b", "scale_lb", "decay_factor"}
-
-
 def aot_cases():
+    """(name, kernel, constexprs, whether its element accesses may be 16-byte vectors) for
+    every kernel, aligned and not, by value and in memory, with its richest flags."""
     if not HAS_TRITON:
         return []
-    from gerne_kernels.triton_kernels import adam, extrapolate, finite_check, sgd
-    block = dict(BLOCK=2048)
-    multi = dict(block, ALIGNED=True)
-    in_memory = dict(SCALARS_IN_MEMORY=True)
-    by_value = dict(SCALARS_IN_MEMORY=False)
-    sgd_flags = dict(HAS_MOMENTUM=True, HAS_WEIGHT_DECAY=True, NESTEROV=True, MAXIMIZE=True,
-                     IS_FIRST_STEP=False, **by_value)
-    adam_flags = dict(HAS_WEIGHT_DECAY=True, AMSGRAD=True, MAXIMIZE=True,
-                      DECOUPLED_WEIGHT_DECAY=True, **by_value)
-    return [
-        ("sgd_multi_tensor_in_memory", sgd._sgd_multi_tensor_kernel,
-         dict(multi, **dict(sgd_flags, **in_memory))),
-        ("adam_multi_tensor_in_memory", adam._adam_multi_tensor_kernel,
-         dict(multi, **dict(adam_flags, **in_memory))),
-        ("extrapolate_per_tensor_in_memory", extrapolate._extrapolate_per_tensor_kernel,
-         dict(block, **in_memory)),
-        ("sgd_multi_tensor", sgd._sgd_multi_tensor_kernel, dict(multi, **sgd_flags)),
-        ("sgd_per_tensor", sgd._sgd_per_tensor_kernel, dict(block, **sgd_flags)),
-        ("adam_multi_tensor", adam._adam_multi_tensor_kernel, dict(multi, **adam_flags)),
-        ("adam_per_tensor", adam._adam_per_tensor_kernel, dict(block, **adam_flags)),
-        ("extrapolate_multi_tensor", extrapolate._extrapolate_multi_tensor_kernel,
-         dict(multi, **by_value)),
-        ("extrapolate_per_tensor", extrapolate._extrapolate_per_tensor_kernel,
-         dict(block, **by_value)),
-        ("nonfinite_multi_tensor", finite_check._nonfinite_multi_tensor_kernel,
-         dict(multi, G_B_COLUMN=1, G_LB_COLUMN=2, WIDTH=5)),
-        ("nonfinite_per_tensor", finite_check._nonfinite_per_tensor_kernel, block),
+    import triton.language as tl
+
+    from gerne_kernels.triton_kernels import adam_step, extrapolate, lion_step, scan, sgd_step
+
+    def dtypes(kernel, dtype):
+        return {name: dtype for name in kernel.arg_names if name.endswith("_DTYPE")}
+
+    updates = [
+        ("sgd", sgd_step.sgd_step_kernel, dict(
+            HAS_MOMENTUM=True, HAS_WEIGHT_DECAY=True, NESTEROV=True, MAXIMIZE=True,
+            IS_FIRST_STEP=False, WIDTH=6)),
+        ("adam", adam_step.adam_step_kernel, dict(
+            HAS_WEIGHT_DECAY=True, AMSGRAD=True, MAXIMIZE=True, DECOUPLED_WEIGHT_DECAY=True,
+            WIDTH=9)),
+        ("lion", lion_step.lion_step_kernel, dict(HAS_WEIGHT_DECAY=True, MAXIMIZE=True,
+                                                  WIDTH=6)),
+        ("extrapolate", extrapolate.extrapolate_kernel, dict(WIDTH=5)),
+        ("scan", scan.scan_kernel, dict(HAS_G_LB=True, HAS_SUMS=True, WIDTH=4)),
     ]
+    cases = []
+    for name, kernel, flags in updates:
+        for aligned in (True, False):
+            for dtype, in_memory in ((tl.float32, False), (tl.bfloat16, True)):
+                constexprs = dict(flags, BLOCK=2048, ALIGNED=aligned,
+                                  SCALARS_IN_MEMORY=in_memory, **dtypes(kernel, dtype))
+                variant = (f"{name}_{'aligned' if aligned else 'unaligned'}_{dtype}"
+                           f"{'_in_memory' if in_memory else ''}")
+                cases.append((variant, kernel, constexprs, aligned))
+    for in_memory in (False, True):
+        cases.append((f"adam_step_count{'_in_memory' if in_memory else ''}",
+                      adam_step.adam_step_count_kernel,
+                      dict(WIDTH=9, SCALARS_IN_MEMORY=in_memory), None))
+    cases.append(("scan_sums", scan.scan_sums_kernel, dict(WIDTH=4), None))
+    return cases
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
-                    reason="the interpreter replaces the kernels; compile them without it")
-@pytest.mark.parametrize("arch,dtype", [(90, "fp32"), (80, "bf16")])
-@pytest.mark.parametrize("name,kernel,constexprs", aot_cases(),
+@needs_triton
+@pytest.mark.skipif(not INTERPRET, reason="this session compiles them itself")
+def test_compilation_outside_the_interpreter():
+    """The AOT tests, from an interpreter session (CI's, tests/conftest.py without a GPU)."""
+    run_this_file("compile_for_sm80", interpret=False)
+
+
+@needs_triton
+@pytest.mark.skipif(INTERPRET, reason="the interpreter replaces the kernels: "
+                    "test_compilation_outside_the_interpreter runs these")
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("name,kernel,constexprs,vector", aot_cases(),
                          ids=[case[0] for case in aot_cases()])
-def test_kernels_compile_for_sm80_and_sm90(name, kernel, constexprs, arch, dtype):
-    """Every kernel compiles; full blocks of aligned tensors move 16 bytes per access (the
-    multi-tensor kernels through the pointer table's alignment hint); float32 division and
-    square root are the IEEE-rounded instructions, not the approximate ones."""
-    ptx = compile_for_gpu(kernel, arch, dtype, constexprs, aligned=True)
-    assert "ld.global.v4" in ptx, f"{name}: no 16-byte vector loads for aligned tensors"
-    if not name.startswith("nonfinite"):
-        assert "st.global.v4" in ptx, f"{name}: no 16-byte vector stores for aligned tensors"
+def test_kernels_compile_for_sm80_and_sm90(name, kernel, constexprs, vector, arch):
+    """Every kernel compiles. Aligned variants move 16 bytes per access in full blocks (through
+    the table's alignment hint); unaligned ones never promise the compiler more than an element
+    (no vector access of any width); float32 division and square root are the IEEE-rounded
+    instructions, not the approximate ones; offsets into a tensor are 64-bit."""
+    ptx = compile_for_gpu(kernel, arch, constexprs)
+    accesses = set(re.findall(r"\b(?:ld|st)\.global(?:\.\w+)*", ptx))
+    if vector:
+        assert any(".v4." in a for a in accesses if a.startswith("ld")), (name, accesses)
+        if not name.startswith("scan"):
+            assert any(".v4." in a for a in accesses if a.startswith("st")), (name, accesses)
+    elif vector is False:
+        assert not any(".v2." in a or ".v4." in a for a in accesses), (name, accesses)
     assert "div.full" not in ptx and "sqrt.approx" not in ptx, name
-    if name.startswith("adam"):
+    if name.startswith("adam_aligned") or name.startswith("adam_unaligned"):
         assert "div.rn.f32" in ptx and "sqrt.rn.f32" in ptx, name
+    if vector is not None:
+        assert re.search(r"mul\.wide\.[su]32|mul\.lo\.s64", ptx), f"{name}: no 64-bit offsets"
 
 
 # ---------------------------------------------------------------------------------------------
-# Compiled on a GPU
+# On a GPU
 
-gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device and triton")
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-MODES = ["multi_tensor", "per_tensor"]
-# Larger than the interpreter's: several programs per tensor, 16-byte unaligned lengths.
-GPU_SIZES = [1, 7, 4096, 65537, 0, 1_000_003, 3, 2 ** 18]
-
-
-@pytest.fixture(params=MODES)
-def mode(request):
-    import gerne_kernels.triton_kernels as tk
-    with tk.launch_settings(mode=request.param):
-        yield request.param
+def adam_problem(sizes, device="cuda", seed=0):
+    args, kwargs = problem("adam_step_", sizes, device=device, seed=seed)
+    return args, kwargs
 
 
 @gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("hyper", [SGD_HYPERS[0], SGD_HYPERS[2], SGD_HYPERS[3]])
-def test_sgd_on_gpu(mode, dtype, hyper):
-    check_sgd("cuda", dtype, GPU_SIZES, hyper, beta=1.0, steps=3)
+@pytest.mark.parametrize("op_name", ["sgd_step_", "adam_step_", "lion_step_"])
+def test_whole_step_capture_with_fresh_tensors_replays_like_eager_steps(op_name):
+    """torch's capture recipe with new addresses inside the graph (as whole-step capture gives
+    .grad tensors from the graph's pool): warm-up eager on a side stream, capture scan_ and the
+    update, replay; every replay is one more step (Adam's counts advance on the device) and a
+    replay with a set flag changes nothing."""
+    sizes = [4096, 1, 70_001, 33]
+    args, kwargs = problem(op_name, sizes, device="cuda")
+    expected = copy.deepcopy(args)
+    found_inf = args[-1]
+    scan, update = op("scan_"), op(op_name)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up on other tensors: compiles and loads every kernel
+        warm = copy.deepcopy(args)
+        scan(warm[1], warm[2], warm[-1], None, **SCALES)
+        update(*warm, **kwargs)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g_b = [g.clone() for g in args[1]]  # fresh addresses from the graph's pool
+        g_lb = [g.clone() for g in args[2]]
+        scan(g_b, g_lb, found_inf, None, **SCALES)
+        update(args[0], g_b, g_lb, *args[3:], **kwargs)
+    reference = getattr(_reference, op_name)
+    for _ in range(3):
+        graph.replay()
+        reference(*expected, **kwargs)
+    torch.cuda.synchronize()
+    assert found_inf.item() == 0
+    for a, e in zip(args[:-1], expected[:-1]):
+        assert_close_lists(a if isinstance(a, list) else [a], e if isinstance(e, list) else [e],
+                           rtol=1e-5, atol=1e-6)
+    before = copy.deepcopy(args)
+    found_inf.fill_(1.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(args[:-1], before[:-1]):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 @gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("hyper", [ADAM_HYPERS[1], ADAM_HYPERS[2], ADAM_HYPERS[3],
-                                   ADAM_HYPERS[4]])
-def test_adam_on_gpu(mode, dtype, hyper):
-    check_adam("cuda", dtype, GPU_SIZES, hyper, beta=3.0, steps=3)
+def test_capture_of_an_unseen_variant_raises_on_a_gpu():
+    args, kwargs = problem("extrapolate_", [100, 7], torch.float16, device="cuda", seed=9)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="one eager step"):
+        with torch.cuda.graph(graph):
+            op("extrapolate_")(*args, **dict(kwargs, scale_b=0.25))  # float16: never launched
 
 
 @gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_extrapolate_on_gpu(mode, dtype):
-    check_extrapolate("cuda", dtype, GPU_SIZES, beta=-1.0 if dtype == torch.float16 else 1.0)
-    check_extrapolate("cuda", dtype, GPU_SIZES, alias_out=True, inv_scales=(1 / 1024, 1 / 64))
+def test_a_cached_table_waits_for_its_fill_on_another_stream():
+    """Step 1 on stream A fills the table; the same call on stream B must not read it before
+    the fill has landed (B waits for the fill's event)."""
+    from gerne_kernels.triton_kernels import table_cache
+
+    table_cache.clear()
+    sizes = [1 << 20, 3, 1 << 16]
+    args, kwargs = problem("extrapolate_", sizes, device="cuda", seed=4)
+    expected = [2.5 * lb - 1.5 * b for b, lb in zip(args[1], args[2])]
+    a, b = torch.cuda.Stream(), torch.cuda.Stream()
+    for stream in (a, b):
+        out = [torch.zeros_like(t) for t in args[0]]
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            torch.cuda._sleep(10_000_000)  # keeps stream a's fill behind, if b did not wait
+            op("extrapolate_")(out, args[1], args[2], args[3], **kwargs)
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        assert_close_lists(out, expected, rtol=1e-6, atol=1e-6)
 
 
 @gpu
-def test_unaligned_views_on_gpu(mode):
-    """Tensors at odd element offsets inside one buffer: no 16-byte alignment promise."""
-    generator = torch.Generator().manual_seed(5)
-    flat = torch.randn(3 * 10_001 + 3, generator=generator).cuda()
-    views = [flat[1 + i * 10_001:1 + (i + 1) * 10_001] for i in range(3)]
-    g_b = random_tensors([10_001] * 3, torch.float32, "cuda", generator)
-    g_lb = random_tensors([10_001] * 3, torch.float32, "cuda", generator)
-    expected = [v.clone() for v in views]
-    kwargs = dict(SGD_HYPERS[5], is_first_step=False, scale_b=-1.0, scale_lb=2.0,
-                  check_finite=True)
-    _reference.sgd_step_(expected, g_b, g_lb, [], torch.zeros((), device="cuda"), **kwargs)
-    fused_op("sgd_step_")(views, g_b, g_lb, [], torch.zeros((), device="cuda"), **kwargs)
-    for v, e in zip(views, expected):
-        torch.testing.assert_close(v, e, rtol=2e-6, atol=1e-6)
-
-
-@gpu
-@pytest.mark.parametrize("op_name", ["sgd_step_", "adam_step_", "extrapolate_"])
-def test_skipped_steps_on_gpu(mode, op_name):
-    assert check_skipped(op_name, "cuda", torch.float32, GPU_SIZES, found_on_entry=1.0) == 1.0
-    for batch in (0, 1):
-        corrupt = (batch, 5, 999_999, float("nan"))
-        assert check_skipped(op_name, "cuda", torch.bfloat16, GPU_SIZES, corrupt=corrupt) == 1.0
+def test_cpu_tensor_scalars_for_a_gpu_call_are_read_without_a_sync():
+    args, kwargs = problem("sgd_step_", [4096, 5], device="cuda")
+    expected = copy.deepcopy(args)
+    tensors = {k: torch.tensor(v, dtype=torch.float64) for k, v in kwargs.items()
+               if k in _ops.TENSOR_SCALARS}
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        op("sgd_step_", "tensor")(*args, **dict(kwargs, **tensors))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    op("sgd_step_")(*expected, **kwargs)
+    assert all(torch.equal(x, y) for x, y in zip(args[0], expected[0]))
 
 
 @gpu
@@ -221,77 +752,8 @@ def test_tensor_beyond_two_to_the_31_elements():
     g_lb = torch.full((n,), 2.0, dtype=torch.bfloat16, device="cuda")
     g_b[-3:] = torch.tensor([3.0, 4.0, 5.0], dtype=torch.bfloat16)
     out = torch.zeros_like(g_lb)
-    fused_op("extrapolate_")([out], [g_b], [g_lb], torch.zeros((), device="cuda"),
-                                   scale_b=-1.0, scale_lb=2.0, check_finite=False)
+    op("extrapolate_")([out], [g_b], [g_lb], torch.zeros((), device="cuda"), scale_b=-1.0,
+                       scale_lb=2.0)
     assert out[0].item() == 3.0 and out[2 ** 31 - 1].item() == 3.0
     assert out[-3:].tolist() == [1.0, 0.0, -1.0]
     del g_b, g_lb, out
-
-
-@gpu
-@pytest.mark.parametrize("kind", ["sgd", "adamw"])
-def test_capture_with_cold_tables_launches_per_tensor(kind):
-    check_capture_with_cold_tables(kind)
-
-
-@gpu
-@pytest.mark.parametrize("op_name", ["sgd_step_", "adam_step_", "extrapolate_"])
-def test_found_inf_of_shape_one_on_gpu(mode, op_name):
-    check_found_inf_of_shape_one(op_name, "cuda", torch.float32, GPU_SIZES)
-
-
-@gpu
-@pytest.mark.parametrize("kind", ["sgd", "adamw"])
-def test_captured_step_replays_in_a_cuda_graph(mode, kind):
-    """A step captured once and replayed: each replay is one more step (Adam's step counts and
-    bias corrections advance on the device) and reads found_inf at replay time."""
-    sizes = [4096, 1, 70_001, 33]
-    generator = torch.Generator().manual_seed(7)
-    params = random_tensors(sizes, torch.float32, "cuda", generator)
-    (g_b, g_lb), = gradients(sizes, torch.float32, "cuda", generator, 1)
-    scale_b, scale_lb = scales(1.0)
-    if kind == "sgd":
-        state = [random_tensors(sizes, torch.float32, "cuda", generator)]
-        hyper = dict(SGD_HYPERS[3], is_first_step=False)
-        op, reference = fused_op("sgd_step_"), _reference.sgd_step_
-    else:
-        state = list(adam_state(sizes, torch.float32, "cuda", generator, True, (0, 2)))
-        hyper = dict(ADAM_HYPERS[3])
-        op, reference = fused_op("adam_step_"), _reference.adam_step_
-    kwargs = dict(hyper, scale_b=scale_b, scale_lb=scale_lb, check_finite=True)
-    expected_params, expected_state = copy.deepcopy(params), copy.deepcopy(state)
-    found_inf = torch.zeros((), device="cuda")
-
-    def step():
-        op(params, g_b, g_lb, *state, found_inf, **kwargs)
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()  # warm-up: compiles the kernels and fills the table caches
-    torch.cuda.current_stream().wait_stream(stream)
-    reference(expected_params, g_b, g_lb, *expected_state, torch.zeros((), device="cuda"),
-              **kwargs)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    for replay in range(3):
-        graph.replay()
-        reference(expected_params, g_b, g_lb, *expected_state, torch.zeros((), device="cuda"),
-                  **kwargs)
-    found_inf.fill_(1.0)
-    graph.replay()  # skipped on the device
-    torch.cuda.synchronize()
-    assert found_inf.item() == 1.0
-    for a, e in zip(params + sum(state, []), expected_params + sum(expected_state, [])):
-        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
-
-
-@gpu
-@pytest.mark.parametrize("kind,torch_cls,hyper", [
-    ("sgd", torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)),
-    ("adamw", torch.optim.AdamW, dict(lr=1e-2, amsgrad=True)),
-])
-def test_gerne_triton_backend_on_gpu_matches_torch_optim(mode, kind, torch_cls, hyper):
-    check_gerne_against_torch_optim("cuda", kind, torch_cls, hyper, beta=0.7, steps=5,
-                                    width=300, batch=32)

@@ -1,7 +1,9 @@
-"""The per-element GERNE update in Triton: csrc/gerne_math.h, function for function.
+"""The per-element GERNE math in Triton: csrc/gerne_math.h, function for function.
 
 Same names, same operation order as the C++/CUDA header, so that the Triton kernels compute
-what the C++ kernels and the reference compute, to float rounding. Differences forced by Triton:
+what the C++ kernels and the reference (gerne_kernels/_reference.py) compute, to float rounding
+(bit for bit in the interpreter, which neither contracts a * b + c into an fma nor approximates
+division). Differences forced by Triton:
 
   - Triton functions cannot write through references: each update returns its new values
     (``p, buf = sgd_update(...)`` instead of ``sgd_update(p, buf, ...)``).
@@ -11,7 +13,9 @@ what the C++ kernels and the reference compute, to float rounding. Differences f
   - Division and square root use ``tl.div_rn`` / ``tl.sqrt_rn``: on NVIDIA GPUs Triton's ``/``
     and ``tl.sqrt`` on float32 are the faster approximate instructions, torch's are IEEE.
 
-All math is float32; the kernels load float32/bfloat16/float16 and convert before calling.
+Element math is float32 (the kernels load float32/bfloat16/float16 and convert before calling);
+what torch.optim computes in Python doubles (bias corrections, 1 - lr * wd) and the scan's sums
+are float64.
 """
 
 import triton
@@ -27,6 +31,12 @@ def gerne_sqrt(x):
 def gerne_max(a, b):
     """(a > b || a != a) ? a : b: max(a, b) propagating NaN from either side, as torch.maximum."""
     return tl.where((a > b) | (a != a), a, b)
+
+
+@triton.jit
+def gerne_sign(x):
+    """torch.sign: 1 for x > 0, -1 for x < 0, +0 otherwise (0, -0 and NaN)."""
+    return tl.where(x > 0, 1.0, 0.0) - tl.where(x < 0, 1.0, 0.0)
 
 
 @triton.jit
@@ -99,6 +109,30 @@ def adam_update(p, m, v, vmax, g, one_minus_beta1, beta2, one_minus_beta2, eps, 
 
 
 @triton.jit
+def lion_update(p, m, g, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay_factor,
+                HAS_WEIGHT_DECAY: tl.constexpr, MAXIMIZE: tl.constexpr):
+    """Lion (Chen et al. 2023) on g, as _reference.lion_step_ computes it; returns (p, m):
+      g <- -g (maximize);  c <- beta1 * m + (1 - beta1) * g;
+      p <- p * (1 - lr * wd);  p <- p - lr * sign(c);  m <- beta2 * m + (1 - beta2) * g
+    """
+    if MAXIMIZE:
+        g = -g
+    c = m * beta1 + g * one_minus_beta1
+    if HAS_WEIGHT_DECAY:
+        p = p * decay_factor
+    p = p - gerne_sign(c) * lr
+    m = m * beta2 + g * one_minus_beta2
+    return p, m
+
+
+@triton.jit
+def adamw_decay_factor(lr, weight_decay):
+    """1 - lr * weight_decay in float64 (lr and weight_decay float64), rounded once to float32,
+    as torch.optim computes it in Python; the decoupled decay of AdamW and Lion."""
+    return (1.0 - lr * weight_decay).to(tl.float32)
+
+
+@triton.jit
 def integer_power(base, exponent):
     """base ** exponent for a float64 base and a non-negative integer exponent, by repeated
     squaring: within a few float64 ulps of the host's pow for any step count."""
@@ -112,17 +146,31 @@ def integer_power(base, exponent):
 
 
 @triton.jit
-def set_bias_corrections(step, lr, beta1_hi, beta1_lo, beta2_hi, beta2_lo):
+def set_bias_corrections(step, lr, beta1, beta2):
     """The per-tensor AdamHyper fields from a tensor's (already incremented) step count t,
     returned as float32 (step_size, bias_correction2_sqrt), computed in float64 as torch.optim
     does in Python:  step_size = lr / (1 - beta1^t),  bias_correction2_sqrt = sqrt(1 - beta2^t).
-    lr is float64 (scalars.runtime_double). A Triton kernel takes float arguments as float32,
-    so beta1 and beta2 arrive as (hi, lo) float32 pairs with hi + lo = the double to 48 bits
-    (float32 beta2 = 0.999 alone would move 1 - beta2 by 1e-5 relative). pow becomes
+    lr, beta1 and beta2 are float64 (kernel_io.runtime_double, host_double); pow becomes
     integer_power: t is a whole number."""
     t = step.to(tl.int64)
-    beta1 = tl.cast(beta1_hi, tl.float64) + tl.cast(beta1_lo, tl.float64)
-    beta2 = tl.cast(beta2_hi, tl.float64) + tl.cast(beta2_lo, tl.float64)
     step_size = lr / (1.0 - integer_power(beta1, t))
     bias_correction2_sqrt = tl.sqrt(1.0 - integer_power(beta2, t))  # float64 sqrt is IEEE
     return step_size.to(tl.float32), bias_correction2_sqrt.to(tl.float32)
+
+
+@triton.jit
+def is_nonfinite(x):
+    """x is inf, -inf or NaN."""
+    return (x != x) | (tl.abs(x) == float("inf"))
+
+
+@triton.jit
+def gradient_sums(g_b, g_lb, scale_b, scale_lb):
+    """The scan's four sums over a block, float64 scalars:
+    (sum g^2, sum g_b^2, sum g_lb^2, sum g_b * g_lb), with g = extrapolated_grad(g_b, g_lb) in
+    float32 per element (the g the update ops step along), each product in float64."""
+    g = extrapolated_grad(g_b, g_lb, scale_b, scale_lb).to(tl.float64)
+    b = g_b.to(tl.float64)
+    lb = g_lb.to(tl.float64)
+    return (tl.sum(g * g, axis=0), tl.sum(b * b, axis=0), tl.sum(lb * lb, axis=0),
+            tl.sum(b * lb, axis=0))
