@@ -74,6 +74,16 @@ def all_reduce_step_flags(params, found_per_device, sums_per_device):
         return
     import torch.distributed as dist
 
+    if sums_per_device:
+        plain = [p for p in params if p.grad is not None
+                 and not isinstance(p, _dtensor_class())]
+        if plain:  # their sums are each rank's own: summing them over ranks would be wrong
+            raise RuntimeError(
+                "max_grad_norm and track_statistics need the norm of the whole gradient, but "
+                f"{len(plain)} parameter(s) with gradients (the first of shape "
+                f"{tuple(plain[0].shape)}) are plain tensors next to DTensor (FSDP2) ones: "
+                "shard every parameter (fully_shard the root module too) or give the plain "
+                "ones their own optimizer")
     groups = _shard_groups(dtensors)
     for device, found in found_per_device.items():
         sums = sums_per_device.get(device)
