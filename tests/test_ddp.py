@@ -7,20 +7,18 @@ the stash must survive that backward. Lean mode: the biased backward runs under 
 the step all-reduces once, the accumulated -beta g_b + (1 + beta) g_lb.
 """
 
-import datetime
 import os
-import socket
+import sys
 
-import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 import gerne_kernels as gk
 from gerne_testing import assert_params_close, loss_of, make_batches, make_model
 
-WORLD = 2
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed"))
+from dist_launch import WORLD, requires_gloo, shard, spawn  # noqa: E402
+
 STEPS = 4
 CONFIGS = [  # (optimizer, mode, gradient_as_bucket_view)
     ("gerne", "stash", False),
@@ -36,10 +34,6 @@ def make_opt(name, params):
         return gk.GERNE(params, optimizer="sgd", lr=0.1, momentum=0.9, beta=1.5,
                         backend="reference")
     return gk.GERNEWrapper(torch.optim.AdamW(params, lr=1e-2), beta=1.5, backend="reference")
-
-
-def shard(x, rank):
-    return x.chunk(WORLD)[rank]
 
 
 def ddp_run(rank, name, mode, bucket_view):
@@ -63,23 +57,8 @@ def ddp_run(rank, name, mode, bucket_view):
     return [p.detach().clone() for p in model.parameters()]
 
 
-def worker(rank, port, out_dir):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        results = [ddp_run(rank, *config) for config in CONFIGS]
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def worker(rank, out_dir):
+    return [ddp_run(rank, *config) for config in CONFIGS]
 
 
 def single_process_run(name):
@@ -94,11 +73,9 @@ def single_process_run(name):
     return model
 
 
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                    reason="torch.distributed with gloo is not available")
+@requires_gloo
 def test_two_processes_equal_one_process_on_the_union(tmp_path):
-    mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    ranks = spawn(worker, tmp_path)
     references = {name: single_process_run(name) for name in {c[0] for c in CONFIGS}}
     for i, (name, mode, bucket_view) in enumerate(CONFIGS):
         for rank in range(WORLD):
