@@ -14,6 +14,8 @@ is accelerate's AcceleratedOptimizer around it (``trainer.optimizer.optimizer`` 
 optimizer, which ``two_batch_optimizer`` finds).
 """
 
+import inspect
+
 from torch.utils.data import DataLoader
 from transformers import Trainer
 from transformers.utils import is_datasets_available
@@ -96,11 +98,14 @@ class GERNETrainer(Trainer):
     loss_is_scaled_for_ga = False
 
     def __init__(self, *args, two_batch_sampler, **kwargs):
-        super().__init__(*args, **kwargs)
-        if self.args.label_smoothing_factor != 0:
+        # Checked before Trainer's own setup, which reads model.config for label smoothing.
+        training_args = inspect.signature(Trainer.__init__).bind(
+            self, *args, **kwargs).arguments.get("args")
+        if getattr(training_args, "label_smoothing_factor", 0) != 0:
             raise ValueError("GERNETrainer takes L_b and L_lb from the model's outputs, so "
                              "label_smoothing_factor is not applied: put the smoothing in the "
                              "model's loss and set label_smoothing_factor=0")
+        super().__init__(*args, **kwargs)
         self.two_batch_sampler = two_batch_sampler
         # Read by every transformers version: the Trainer divides the loss by the
         # accumulation steps and passes no num_items_in_batch to the model.
