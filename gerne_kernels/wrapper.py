@@ -38,6 +38,7 @@ class GERNEWrapper(TwoBatchOptimizer):
     def __init__(self, base_optimizer, beta=1.0, *, beta_bounds=None, backend="auto",
                  skip_nonfinite=None, grad_scaler=None, track_statistics=False,
                  max_grad_norm=None):
+        sharding.refuse_zero_redundancy(type(self).__name__)  # before the check of its argument
         if not isinstance(base_optimizer, Optimizer):
             raise TypeError("base_optimizer must be a torch.optim.Optimizer instance, got "
                             f"{type(base_optimizer)}")
