@@ -154,8 +154,6 @@ def assert_trained_like(actual, oracle, rtol=1e-5, atol=1e-6):
     """actual (parameters) equals the oracle's, and training moved them far more than the
     tolerance (so that agreement is not the trivial one of two untrained models)."""
     actual = [p.detach().float() for p in actual]
-    worst = max(float((got - want).abs().max()) for got, want in zip(actual, oracle.params))
-    print(f"max abs difference to the oracle: {worst:.3g}")
     for got, want in zip(actual, oracle.params, strict=True):
         torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
     moved = max(float((want - start).abs().max())

@@ -8,13 +8,14 @@ through ``optimizers=(opt, None)``, gradient_accumulation_steps=2 and max_grad_n
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 from transformers import TrainingArguments  # noqa: E402
 
 import integration_task as task_  # noqa: E402
-from gerne_kernels.integrations import two_batch_optimizer  # noqa: E402
+from gerne_kernels.integrations import split_two_batch, two_batch_optimizer  # noqa: E402
 from gerne_kernels.integrations.hf import GERNETrainer  # noqa: E402
 from integration_task import OPTIMIZERS, assert_trained_like, hand_loop  # noqa: E402
 
@@ -103,3 +104,38 @@ def test_trainer_without_a_gerne_optimizer_says_so(tmp_path):
     trainer = gerne_trainer(tmp_path, task, model, None)  # the Trainer builds its own AdamW
     with pytest.raises(TypeError, match="optimizers=\\(opt, scheduler\\)"):
         trainer.train()
+
+
+class ConcatForwardTrainer(GERNETrainer):
+    """docs/integrations.md's one-forward compute_loss, verbatim."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inputs = dict(inputs)
+        labels_b, labels_lb = split_two_batch(inputs.pop("labels"))
+        logits_b, logits_lb = split_two_batch(model(**inputs)["logits"])
+        opt = two_batch_optimizer(self.optimizer)
+        loss = opt.extrapolated_loss(F.cross_entropy(logits_b, labels_b),
+                                     F.cross_entropy(logits_lb, labels_lb))
+        return (loss, None) if return_outputs else loss
+
+
+def test_one_forward_over_the_pair(tmp_path):
+    task, model, case = task_.tiny_task(), TinyClassifier(), OPTIMIZERS[0]
+    trainer = ConcatForwardTrainer(model=model, args=arguments(tmp_path),
+                                   train_dataset=DictDataset(task),
+                                   optimizers=(case.gerne(model.parameters()), None),
+                                   two_batch_sampler=task.sampler())
+    trainer.train()
+    oracle = hand_loop(task, case, STEPS, accumulation=2, max_norm=MAX_NORM)
+    assert_trained_like(model.parameters(), oracle)
+
+
+def test_bf16_on_the_cpu(tmp_path):
+    """TrainingArguments(bf16=True): accelerate autocasts the forwards, g is clipped as is."""
+    task, model, case = task_.tiny_task(), TinyClassifier(), OPTIMIZERS[0]
+    gerne_trainer(tmp_path, task, model, case.gerne(model.parameters()), bf16=True).train()
+    oracle = hand_loop(task, case, STEPS, accumulation=2, max_norm=MAX_NORM,
+                       autocast_dtype=torch.bfloat16, scaled_losses=True)
+    assert_trained_like(model.parameters(), oracle)
