@@ -97,6 +97,31 @@ def all_reduce_step_flags(params, found_per_device, sums_per_device):
             sums.copy_(packed[1:])
 
 
+def gradient_marks(params):
+    """What a backward changes in the DTensor parameters' .grad (identity and the local shard's
+    version), to tell whether it delivered sharded gradients; None without DTensor
+    parameters."""
+    if not sharded_params(params):
+        return None
+    return [None if p.grad is None else (id(p.grad), local(p.grad)._version) for p in params]
+
+
+def delivered_nothing(params, marks):
+    """True when a backward since gradient_marks() left every sharded .grad as it was."""
+    return marks is not None and gradient_marks(params) == marks
+
+
+# FSDP2 without gradient sync keeps the gradient in its own unsharded buffer, where the next
+# backwards (less-biased ones too) add to it before one reduce-scatter hands the mix over.
+UNSYNCED_ACCUMULATION = (
+    "accumulate_biased(): the backward delivered no sharded gradient. FSDP2 with "
+    "set_requires_gradient_sync(False) (no_sync accumulation, as accelerate's) keeps gradients "
+    "in one unsharded buffer where the biased and the less-biased ones mix. Keep gradient sync "
+    "on for the backwards of a step that uses accumulate_biased(), or accumulate each batch "
+    "with stash_biased() (no sync on all but the last backward of each batch), or use the "
+    "one-backward mode (extrapolated_loss).")
+
+
 def _callers(depth):
     """Up to ``depth`` frames, innermost first, from the caller of the function calling this."""
     frames, frame = [], sys._getframe(2)

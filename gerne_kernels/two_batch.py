@@ -212,8 +212,10 @@ class TwoBatchOptimizer(Optimizer):
                      if p.grad._is_view() else p.grad for p in params]
             for p in params:
                 p.grad = self.state[p].get("grad_b") if p in self.state else None
+        marks, unsynced = sharding.gradient_marks(params), False
         try:
             yield
+            unsynced = sharding.delivered_nothing(params, marks)
         finally:
             moved = False
             with torch.no_grad():
@@ -225,6 +227,8 @@ class TwoBatchOptimizer(Optimizer):
                     p.grad = grad_lb
             if moved:
                 self._record.stash_signature = self._signature()
+        if unsynced:  # FSDP2 kept the gradient unsharded, where it mixes with g_lb
+            raise RuntimeError(sharding.UNSYNCED_ACCUMULATION)
 
     def _refuse_other_modes(self, name, mode):
         """One step uses one way of feeding the gradients."""

@@ -6,7 +6,9 @@ beta g_b, torch.nn.utils.clip_grad_norm_, norms and cosines computed from the fu
 The fused update runs on the local shards; what is not element-wise must be global: a step with
 an inf on one rank only is skipped on both (skip_nonfinite=True), clipping uses the norm of the
 whole g (opt.grad_norm equals the single-process norm), the statistics are those of the whole
-gradients. And torch.distributed.checkpoint (get_state_dict, dcp.save, dcp.load,
+gradients. accumulate_biased() over interleaved micro-batch pairs works with FSDP2's gradient
+sync on and is refused without it (FSDP2 then mixes both batches' gradients in its own buffer).
+Norms over DTensor and plain parameters together are refused. And torch.distributed.checkpoint (get_state_dict, dcp.save, dcp.load,
 set_state_dict) resumes a sharded run bit-identically, from a fresh optimizer (DCP's lr = 0
 priming step), between steps and with a stash pending.
 
@@ -46,7 +48,9 @@ KINDS = {
 # (kind, mode, max_grad_norm): every one with skip_nonfinite=True and an inf injected at
 # INJECT_AT on rank 0; the stash mode also tracks statistics
 CONFIGS = [(kind, mode, clip) for kind in KINDS for mode in ("stash", "one-backward")
-           for clip in (None, CLIP)] + [("gerne-adamw", "lean", None)]
+           for clip in (None, CLIP)] + [("gerne-adamw", "lean", None),
+                                        ("gerne-adamw", "accumulate", CLIP)]
+STASH_MODES = ("stash", "accumulate")
 DCP_KINDS = ["gerne-sgd", "gerne-adamw", "wrapper-adamw"]
 
 
@@ -81,6 +85,14 @@ def fsdp_step(model, opt, mode, x_b, x_lb, rank, inject=False):
     if mode == "stash":
         first_half(model, opt, x_b, rank, inject)
         loss_of(model, shard(x_lb, rank)).backward()
+    elif mode == "accumulate":  # 2 interleaved micro-batch pairs, every backward synced
+        opt.zero_grad()
+        for mb_b, mb_lb in zip(shard(x_b, rank).chunk(2), shard(x_lb, rank).chunk(2)):
+            with opt.accumulate_biased():
+                (loss_of(model, mb_b) / 2).backward()
+            (loss_of(model, mb_lb) / 2).backward()
+        if inject:
+            inject_inf(model)
     elif mode == "one-backward":
         opt.zero_grad()
         opt.extrapolated_loss(loss_of(model, shard(x_b, rank)),
@@ -103,7 +115,7 @@ def full_params(model):
 def train(rank, mesh, kind, mode, clip):
     model = sharded_model(mesh)
     opt = KINDS[kind][0](model.parameters(), skip_nonfinite=True, max_grad_norm=clip,
-                         track_statistics=mode == "stash")
+                         track_statistics=mode in STASH_MODES)
     norms, stats = [], []
     for i, (x_b, x_lb) in enumerate(make_batches(STEPS)):
         fsdp_step(model, opt, mode, x_b, x_lb, rank, inject=i == INJECT_AT and rank == 0)
@@ -185,6 +197,22 @@ def mixed_step_error(rank, mesh):
     return None, None
 
 
+def unsynced_accumulation_error(rank, mesh):
+    """accumulate_biased() around a backward without FSDP2's gradient sync."""
+    model = sharded_model(mesh)
+    opt = KINDS["gerne-sgd"][0](model.parameters())
+    (x_b, _), = make_batches(1)
+    model.set_requires_gradient_sync(False)
+    try:
+        with opt.accumulate_biased():
+            loss_of(model, shard(x_b, rank)).backward()
+    except RuntimeError as error:
+        return str(error)
+    finally:
+        model.set_requires_gradient_sync(True)
+    return None
+
+
 def worker(rank, out_dir):
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -192,6 +220,7 @@ def worker(rank, out_dir):
     return {
         "train": [train(rank, mesh, *config) for config in CONFIGS],
         "mixed": mixed_step_error(rank, mesh),
+        "unsynced": unsynced_accumulation_error(rank, mesh),
         "dcp": {kind: {"uninterrupted": uninterrupted(rank, mesh, kind),
                        "between-steps": checkpointed(rank, mesh, out_dir, kind, False),
                        "stash-pending": checkpointed(rank, mesh, out_dir, kind, True)}
@@ -258,7 +287,7 @@ def test_sharded_training_equals_one_process_on_the_union(ranks, index):
                 assert not math.isfinite(got["norms"][i])
             else:
                 assert got["norms"][i] == pytest.approx(norms[i], rel=1e-5)
-            if mode != "stash":
+            if mode not in STASH_MODES:
                 assert got["stats"][i] is None
             elif i != INJECT_AT:
                 assert got["stats"][i] == pytest.approx(stats[i], rel=1e-5, abs=1e-6)
@@ -282,3 +311,10 @@ def test_norms_over_dtensors_and_plain_tensors_are_refused(ranks):
         message, unchanged = result["mixed"]
         assert message is not None and "plain tensors next to DTensor" in message
         assert unchanged, "the refused step changed a parameter"
+
+
+def test_accumulate_biased_without_fsdp_gradient_sync_is_refused(ranks):
+    """Without sync FSDP2 keeps the biased gradient in its unsharded buffer, where the
+    less-biased backwards would add to it: an error, not a mixed stash."""
+    for result in ranks:
+        assert result["unsynced"] is not None and "no sharded gradient" in result["unsynced"]
