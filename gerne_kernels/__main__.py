@@ -82,6 +82,10 @@ def main(argv=None):
                               help="seconds each build may take (default 900)")
     sub.add_parser("demo", help="train ERM, resampling and GERNE on offline Colored MNIST",
                    add_help=False)
+    sub.add_parser("reproduce", help="the paper's Table 1 protocol on offline Colored MNIST, "
+                   "GERNE against five baselines", add_help=False)
+    sub.add_parser("train", help="train GERNE on a local copy of Waterbirds, CelebA, "
+                   "CivilComments, Colored MNIST or Corrupted CIFAR-10", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         return info(args)
@@ -90,6 +94,12 @@ def main(argv=None):
     if args.command == "demo":
         from . import demo
         return demo.main(rest)
+    if args.command == "reproduce":
+        from . import reproduce
+        return reproduce.main(rest)
+    if args.command == "train":
+        from . import train_cli
+        return train_cli.main(rest)
     return 2
 
 
