@@ -7,7 +7,8 @@ The fused update runs on the local shards; what is not element-wise must be glob
 an inf on one rank only is skipped on both (skip_nonfinite=True), clipping uses the norm of the
 whole g (opt.grad_norm equals the single-process norm), the statistics are those of the whole
 gradients. accumulate_biased() over interleaved micro-batch pairs works with FSDP2's gradient
-sync on and is refused without it (FSDP2 then mixes both batches' gradients in its own buffer).
+sync on and is refused without it (FSDP2 then mixes both batches' gradients in its own buffer);
+the stash mode accumulates each batch with FSDP2's sync on its last micro-batch only.
 Norms over DTensor and plain parameters together are refused. And torch.distributed.checkpoint (get_state_dict, dcp.save, dcp.load,
 set_state_dict) resumes a sharded run bit-identically, from a fresh optimizer (DCP's lr = 0
 priming step), between steps and with a stash pending.
@@ -49,8 +50,9 @@ KINDS = {
 # INJECT_AT on rank 0; the stash mode also tracks statistics
 CONFIGS = [(kind, mode, clip) for kind in KINDS for mode in ("stash", "one-backward")
            for clip in (None, CLIP)] + [("gerne-adamw", "lean", None),
-                                        ("gerne-adamw", "accumulate", CLIP)]
-STASH_MODES = ("stash", "accumulate")
+                                        ("gerne-adamw", "accumulate", CLIP),
+                                        ("gerne-sgd", "stash-no-sync", CLIP)]
+STASH_MODES = ("stash", "accumulate", "stash-no-sync")
 DCP_KINDS = ["gerne-sgd", "gerne-adamw", "wrapper-adamw"]
 
 
@@ -93,6 +95,17 @@ def fsdp_step(model, opt, mode, x_b, x_lb, rank, inject=False):
             (loss_of(model, mb_lb) / 2).backward()
         if inject:
             inject_inf(model)
+    elif mode == "stash-no-sync":  # each batch over 2 micro-batches, FSDP2 syncing the last
+        opt.zero_grad()
+        for x, biased in ((x_b, True), (x_lb, False)):
+            micro = shard(x, rank).chunk(2)
+            for j, mb in enumerate(micro):
+                model.set_requires_gradient_sync(j == len(micro) - 1)
+                (loss_of(model, mb) / 2).backward()
+            if biased:
+                if inject:
+                    inject_inf(model)
+                opt.stash_biased()
     elif mode == "one-backward":
         opt.zero_grad()
         opt.extrapolated_loss(loss_of(model, shard(x_b, rank)),
