@@ -4,7 +4,13 @@ import warnings
 import pytest
 import torch
 
-from gerne_kernels import _backends
+# Triton picks its interpreter when a kernel is decorated, i.e. when gerne_kernels.triton_kernels
+# is first imported: without a GPU, the triton backend runs on CPU tensors in the interpreter,
+# in this process (tests/ops runs every op test on it). Set before anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from gerne_kernels import _backends  # noqa: E402
 
 
 def cpu_backends():

@@ -1,25 +1,23 @@
-"""lr, beta and the loss scales as tensors: the ops' .tensor overloads and the optimizers' tensor
-path (gerne_kernels/_scalars.py).
+"""lr, beta and the loss scales as tensors: the optimizers' tensor path (gerne_kernels/_scalars.py).
+The ops' .tensor overloads are tested op by op on every backend in tests/ops (test_op_contract:
+.tensor == .default bit for bit, bad scalars named; test_gpu_behaviour: no host sync, CUDA graphs
+following device lr and beta).
 
 The oracle is the float path, itself held against the reference and torch.optim elsewhere: the
-same values given as tensors must give the same bits. On a GPU, a step captured in a CUDA graph
-must follow the tensors' current values on every replay, and a GERNE step with device-resident lr
-and beta must not synchronise with the host.
+same values given as tensors must give the same bits. On a GPU, a GERNE step with
+device-resident lr and beta must not synchronise with the host, and a whole training step
+captured in a CUDA graph follows them.
 """
-
-import copy
 
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import gerne_kernels as gk
-from gerne_kernels import _backends, _ops
-from gerne_testing import (assert_same, lean_step, loss_of, make_batches, make_model,
-                           require_cpu_build, snapshot, stash_step)
-import triton_checks as checks
+from gerne_kernels import _backends
+from gerne_testing import (assert_same, lean_step, loss_of, make_batches, make_model, snapshot,
+                           stash_step)
 
-OPS = ["sgd_step_", "adam_step_", "extrapolate_"]
 HAS_GPU = torch.cuda.is_available()
 OPTIMIZERS = {
     "sgd": dict(optimizer="sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
@@ -27,71 +25,6 @@ OPTIMIZERS = {
 }
 # (lr factor, beta) per step, as schedules would set them.
 SCHEDULE = [(1.0, 1.5), (0.5, 0.5), (0.25, 3.0), (0.125, 0.0)]
-
-
-@pytest.fixture(scope="module")
-def cpu_ops():
-    require_cpu_build()
-
-
-# ---------------------------------------------------------------------------------------------
-# The ops
-
-@pytest.mark.parametrize("op_name", OPS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("scalar_dtype", [torch.float64, torch.float32], ids=str)
-def test_cpu_tensor_overload_matches_float_overload(cpu_ops, op_name, dtype, scalar_dtype):
-    checks.check_tensor_scalars(op_name, "cpu", dtype, [0, 1, 17, 1025, 40000],
-                                scalar_dtype=scalar_dtype, prefix="")
-
-
-@pytest.mark.parametrize("op_name", OPS)
-def test_cpu_op_takes_a_found_inf_of_shape_one(cpu_ops, op_name):
-    checks.check_found_inf_of_shape_one(op_name, "cpu", torch.float32, [0, 5, 1025], prefix="")
-
-
-@pytest.mark.parametrize("op_name", OPS)
-def test_reference_takes_tensor_scalars(op_name):
-    _, reference, args, kwargs = checks.problem_for(op_name, "cpu", torch.float32, [3, 40])
-    results = []
-    for as_tensor in (False, True):
-        call_args = copy.deepcopy(args)
-        scalars = {k: torch.tensor(v, dtype=torch.float64) if as_tensor else v
-                   for k, v in kwargs.items() if k in _ops.TENSOR_SCALARS}
-        reference(*call_args, torch.zeros(()), **dict(kwargs, **scalars), check_finite=True)
-        results.append(call_args)
-    for a, b in zip(*results):
-        assert all(torch.equal(x, y) for x, y in zip(a, b))
-
-
-def test_tensor_overload_schemas():
-    for name in OPS:
-        schema = str(_ops.op(name, "tensor")._schema)
-        assert "Tensor scale_b" in schema and "Tensor scale_lb" in schema
-        assert ("Tensor lr" in schema) == (name != "extrapolate_")
-        assert "float scale" not in schema and "float lr" not in schema
-
-
-@pytest.mark.parametrize("op_name", OPS)
-def test_opcheck_tensor_overload(cpu_ops, op_name):
-    _, _, args, kwargs = checks.problem_for(op_name, "cpu", torch.float32, [5, 0, 33])
-    kwargs = {k: torch.tensor(v, dtype=torch.float64) if k in _ops.TENSOR_SCALARS else v
-              for k, v in kwargs.items()}
-    results = torch.library.opcheck(_ops.op(op_name, "tensor"),
-                                    (*args, torch.zeros(())), dict(kwargs, check_finite=True))
-    assert all(result == "SUCCESS" for result in results.values()), results
-
-
-@pytest.mark.parametrize("bad", [torch.tensor([0.1, 0.2]), torch.tensor(1, dtype=torch.int64),
-                                 torch.tensor(0.1, dtype=torch.float16)],
-                         ids=["two_elements", "int64", "float16"])
-def test_cpu_tensor_overload_names_a_bad_scalar(cpu_ops, bad):
-    _, _, args, kwargs = checks.problem_for("sgd_step_", "cpu", torch.float32, [5])
-    kwargs = {k: torch.tensor(v, dtype=torch.float64) if k in _ops.TENSOR_SCALARS else v
-              for k, v in kwargs.items()}
-    kwargs["lr"] = bad
-    with pytest.raises(RuntimeError, match=r"lr must be a one-element float32 or float64"):
-        _ops.op("sgd_step_", "tensor")(*args, torch.zeros(()), **kwargs, check_finite=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,26 +160,6 @@ def gpu_backends():
 
 @gpu
 @pytest.mark.parametrize("backend_name", ["cuda", "triton"])
-@pytest.mark.parametrize("kind", ["sgd", "adamw"])
-def test_captured_step_follows_tensor_scalars(backend_name, kind):
-    if backend_name not in gpu_backends():
-        pytest.skip(f"the {backend_name} backend is unavailable: "
-                    f"{_backends.status(backend_name)[1]}")
-    checks.check_graph_follows_tensor_scalars(kind, "" if backend_name == "cuda" else "triton_")
-
-
-@gpu
-@pytest.mark.parametrize("backend_name", ["cuda", "triton"])
-@pytest.mark.parametrize("op_name", OPS)
-def test_gpu_tensor_overload_matches_float_overload(backend_name, op_name):
-    if backend_name not in gpu_backends():
-        pytest.skip(f"the {backend_name} backend is unavailable")
-    checks.check_tensor_scalars(op_name, "cuda", torch.float32, [1, 4096, 65537, 3],
-                                prefix="" if backend_name == "cuda" else "triton_")
-
-
-@gpu
-@pytest.mark.parametrize("backend_name", ["cuda", "triton"])
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_step_with_device_lr_and_beta_never_syncs(backend_name, name):
     """After the first step (which creates the state), a GERNE step with lr and beta on the
@@ -277,38 +190,6 @@ def test_step_with_device_lr_and_beta_never_syncs(backend_name, name):
         runs.append([p.detach().clone() for p in model.parameters()])
     for p, q in zip(*runs):
         assert torch.equal(p, q)
-
-
-@gpu
-@pytest.mark.parametrize("backend_name", ["cuda", "triton"])
-@pytest.mark.parametrize("op_name", OPS)
-def test_gpu_op_takes_cpu_scalar_tensors_without_syncing(backend_name, op_name):
-    """lr and the scales as CPU tensors (as an LR scheduler may hold them) are read on the host:
-    no device synchronisation, and the float overload's bits."""
-    if backend_name not in gpu_backends():
-        pytest.skip(f"the {backend_name} backend is unavailable")
-    prefix = "" if backend_name == "cuda" else "triton_"
-    _, _, args, kwargs = checks.problem_for(op_name, "cuda", torch.float32, [1, 4096, 65537],
-                                            prefix=prefix)
-    results = []
-    for overload in ("default", "tensor"):
-        call_args = copy.deepcopy(args)
-        scalars = {k: torch.tensor(v, dtype=torch.float64) if overload == "tensor" else v
-                   for k, v in kwargs.items() if k in _ops.TENSOR_SCALARS}
-        op = checks.fused_op(op_name, prefix, overload)
-        op(*call_args, torch.zeros((), device="cuda"), **dict(kwargs, **scalars),
-           check_finite=True)  # warm-up: compiles, fills the table caches
-        call_args = copy.deepcopy(args)
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            op(*call_args, torch.zeros((), device="cuda"), **dict(kwargs, **scalars),
-               check_finite=True)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        results.append(call_args)
-    for a, b in zip(*results):
-        assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 @gpu
