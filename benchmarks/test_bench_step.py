@@ -1,9 +1,10 @@
-"""pytest-benchmark cases for one GERNE step: the variants of bench_step.py on a small problem.
+"""pytest-benchmark cases for one GERNE step, and bench_step.py end to end on tiny problems.
 
     pytest benchmarks/ --benchmark-disable      # smoke test (CI): every case runs once
     pytest benchmarks/                          # timings, small problem (2^16 params, 20 tensors)
 
-The full benchmark with the bandwidth floor and the sweeps is `python benchmarks/bench_step.py`.
+The full benchmark with the bandwidth floor, the sweeps and the training iteration is
+`python benchmarks/bench_step.py`.
 """
 
 import os
@@ -31,21 +32,35 @@ def cpu_built():
         pytest.skip(message)
 
 
-@pytest.mark.parametrize("variant", bench_step.VARIANTS)
-@pytest.mark.parametrize("optimizer", bench_step.OPTIMIZERS)
-def test_step(benchmark, optimizer, variant):
-    step = bench_step.make_step(optimizer, variant, NUMEL, TENSORS)
+@pytest.mark.parametrize("optimizer", bench_step.ALL_OPTIMIZERS)
+def test_step(benchmark, optimizer):
+    steps = bench_step.variants_for(optimizer, NUMEL, TENSORS, with_reference=True,
+                                    compile_lion=False)
     benchmark.group = f"{optimizer} step, 2^16 float32 params in {TENSORS} tensors"
-    benchmark(step)
+    benchmark(lambda: [step() for step in steps.values()])
 
 
 def test_bench_script_quick_run(tmp_path):
-    """The script end to end on a tiny problem: table, JSON and plot."""
-    json_path, plot_path = tmp_path / "bench.json", tmp_path / "bench.png"
-    results = bench_step.main(["--quick", "--numel-log2", "12", "--sizes", "10,12",
-                               "--counts", "1,7", "--repeats", "1", "--bandwidth-log2", "16",
-                               "--json", str(json_path), "--plot", str(plot_path)])
-    assert json_path.stat().st_size > 0 and plot_path.stat().st_size > 0
-    main = {(r["optimizer"], r["variant"]): r for r in results["main"]}
-    assert set(main) == {(o, v) for o in bench_step.OPTIMIZERS for v in bench_step.VARIANTS}
-    assert all(r["ms"] > 0 and r["floor_fraction"] > 0 for r in main.values())
+    """The script end to end on a tiny problem: every optimizer and variant, JSON."""
+    json_path = tmp_path / "bench.json"
+    results = bench_step.main(["--quick", "--numel-log2", "12", "--sizes", "10", "--counts", "7",
+                               "--repeats", "1", "--bandwidth-log2", "16", "--no-compile",
+                               "--json", str(json_path)])
+    assert json_path.stat().st_size > 0
+    main = {(r["optimizer"], r["variant"]) for r in results["main"]}
+    variants = {"reference", "torch_only", "torch_only_checked", "fused_op", "gerne_step",
+                "gerne_step_guarded", "gerne_step_tensor_scalars"}
+    assert main == {(o, v) for o in bench_step.ALL_OPTIMIZERS for v in variants}
+    assert all(r["ms"] > 0 and r["floor_fraction"] > 0 for r in results["main"])
+    assert all("torch_only" in r["speedups"] for r in results["main"])
+    assert len(results["size_sweep"]) == len(results["count_sweep"]) == 3 * (len(variants) - 1)
+
+
+def test_training_iteration_mode():
+    """--training on a tiny Linear stack: step and iteration times for each variant."""
+    results = bench_step.main(["--training", "--layers", "2", "--width", "32", "--batch", "4",
+                               "--repeats", "2", "--optimizers", "sgd,lion"])
+    rows = {(r["optimizer"], r["variant"]): r for r in results["training"]}
+    assert set(rows) == {(o, v) for o in ("sgd", "lion")
+                         for v in ("torch_only", "gerne", "gerne_guarded")}
+    assert all(0 < r["step_ms"] < r["iteration_ms"] for r in rows.values())
