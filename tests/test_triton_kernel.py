@@ -94,7 +94,7 @@ def recorded_launches():
     from gerne_kernels.triton_kernels import launch
     launches = []
     saved = launch.launch_kernel
-    launch.launch_kernel = lambda kernel, programs, arguments, num_warps: launches.append(
+    launch.launch_kernel = lambda kernel, programs, arguments, options: launches.append(
         (kernel.fn.__name__, programs, arguments))
     try:
         yield launches
@@ -538,7 +538,7 @@ SCRATCH = {"adam_step_count_kernel": "*fp32", "adam_step_kernel": "*fp32",
 TENSOR_SCALARS = set(_ops.TENSOR_SCALARS)
 
 
-def compile_for_gpu(kernel, arch, constexprs, num_warps=4):
+def compile_for_gpu(kernel, arch, constexprs, **options):
     """PTX of one kernel variant, with the argument types the launch skeleton gives: the table
     and other pointers 16-byte aligned (as allocations are), tensor_count int32, lr / scale_b /
     scale_lb float64 pointers with SCALARS_IN_MEMORY, other scalars float32."""
@@ -567,13 +567,14 @@ def compile_for_gpu(kernel, arch, constexprs, num_warps=4):
     source = ASTSource(fn=kernel, signature=signature, attrs=attrs,
                        **{constant_key: constexprs})
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=num_warps))
+                              options=dict(dict(num_warps=4), **options))
     return compiled.asm["ptx"]
 
 
 def aot_cases():
-    """(name, kernel, constexprs, whether its element accesses may be 16-byte vectors) for
-    every kernel, aligned and not, by value and in memory, with its richest flags."""
+    """(name, kernel, constexprs, whether its element accesses may be 16-byte vectors, launch
+    options) for every kernel, aligned and not, by value and in memory, with its richest
+    flags."""
     if not HAS_TRITON:
         return []
     import triton.language as tl
@@ -603,12 +604,14 @@ def aot_cases():
                                   SCALARS_IN_MEMORY=in_memory, **dtypes(kernel, dtype))
                 variant = (f"{name}_{'aligned' if aligned else 'unaligned'}_{dtype}"
                            f"{'_in_memory' if in_memory else ''}")
-                cases.append((variant, kernel, constexprs, aligned))
+                options = dict(enable_fp_fusion=False) if name == "lion" else {}
+                cases.append((variant, kernel, constexprs, aligned, options))
     for in_memory in (False, True):
         cases.append((f"adam_step_count{'_in_memory' if in_memory else ''}",
                       adam_step.adam_step_count_kernel,
-                      dict(WIDTH=9, SCALARS_IN_MEMORY=in_memory), None))
-    cases.append(("scan_sums", scan.scan_sums_kernel, dict(WIDTH=4), None))
+                      dict(WIDTH=9, SCALARS_IN_MEMORY=in_memory), None,
+                      dict(num_warps=1, enable_fp_fusion=False)))
+    cases.append(("scan_sums", scan.scan_sums_kernel, dict(WIDTH=4), None, {}))
     return cases
 
 
@@ -623,14 +626,15 @@ def test_compilation_outside_the_interpreter():
 @pytest.mark.skipif(INTERPRET, reason="the interpreter replaces the kernels: "
                     "test_compilation_outside_the_interpreter runs these")
 @pytest.mark.parametrize("arch", [80, 90])
-@pytest.mark.parametrize("name,kernel,constexprs,vector", aot_cases(),
+@pytest.mark.parametrize("name,kernel,constexprs,vector,options", aot_cases(),
                          ids=[case[0] for case in aot_cases()])
-def test_kernels_compile_for_sm80_and_sm90(name, kernel, constexprs, vector, arch):
+def test_kernels_compile_for_sm80_and_sm90(name, kernel, constexprs, vector, options, arch):
     """Every kernel compiles. Aligned variants move 16 bytes per access in full blocks (through
     the table's alignment hint); unaligned ones never promise the compiler more than an element
     (no vector access of any width); float32 division and square root are the IEEE-rounded
-    instructions, not the approximate ones; offsets into a tensor are 64-bit."""
-    ptx = compile_for_gpu(kernel, arch, constexprs)
+    instructions, not the approximate ones; offsets into a tensor are 64-bit; Lion and Adam's
+    prologue have no fused multiply-add."""
+    ptx = compile_for_gpu(kernel, arch, constexprs, **options)
     accesses = set(re.findall(r"\b(?:ld|st)\.global(?:\.\w+)*", ptx))
     if vector:
         assert any(".v4." in a for a in accesses if a.startswith("ld")), (name, accesses)
@@ -641,6 +645,8 @@ def test_kernels_compile_for_sm80_and_sm90(name, kernel, constexprs, vector, arc
     assert "div.full" not in ptx and "sqrt.approx" not in ptx, name
     if name.startswith("adam_aligned") or name.startswith("adam_unaligned"):
         assert "div.rn.f32" in ptx and "sqrt.rn.f32" in ptx, name
+    if options.get("enable_fp_fusion") is False:  # rounding each operation as torch does
+        assert "fma.rn" not in ptx, name
     if vector is not None:
         assert re.search(r"mul\.wide\.[su]32|mul\.lo\.s64", ptx), f"{name}: no 64-bit offsets"
 
@@ -662,6 +668,8 @@ def test_whole_step_capture_with_fresh_tensors_replays_like_eager_steps(op_name)
     replay with a set flag changes nothing."""
     sizes = [4096, 1, 70_001, 33]
     args, kwargs = problem(op_name, sizes, device="cuda")
+    if op_name == "lion_step_":  # see test_interpreter_lion_is_the_reference_...: sign(c)
+        kwargs["scale_b"] = 0.0
     expected = copy.deepcopy(args)
     found_inf = args[-1]
     scan, update = op("scan_"), op(op_name)
@@ -698,46 +706,50 @@ def test_whole_step_capture_with_fresh_tensors_replays_like_eager_steps(op_name)
 @gpu
 def test_capture_of_an_unseen_variant_raises_on_a_gpu():
     args, kwargs = problem("extrapolate_", [100, 7], torch.float16, device="cuda", seed=9)
+    op("extrapolate_")(*copy.deepcopy(args), **kwargs)  # eager: the device's arena exists
     graph = torch.cuda.CUDAGraph()
     with pytest.raises(RuntimeError, match="one eager step"):
-        with torch.cuda.graph(graph):
-            op("extrapolate_")(*args, **dict(kwargs, scale_b=0.25))  # float16: never launched
+        with torch.cuda.graph(graph), tk().launch_settings(block_size=64):  # never launched
+            op("extrapolate_")(*args, **kwargs)
 
 
 @gpu
 def test_a_cached_table_waits_for_its_fill_on_another_stream():
-    """Step 1 on stream A fills the table; the same call on stream B must not read it before
-    the fill has landed (B waits for the fill's event)."""
+    """The table filled on stream a, behind a long kernel, and used at once by the same call on
+    stream b: b's kernel must wait for the fill (an event), not read an unfilled table."""
     from gerne_kernels.triton_kernels import table_cache
 
     table_cache.clear()
-    sizes = [1 << 20, 3, 1 << 16]
-    args, kwargs = problem("extrapolate_", sizes, device="cuda", seed=4)
+    args, kwargs = problem("extrapolate_", [1 << 20, 3, 1 << 16], device="cuda", seed=4)
     expected = [2.5 * lb - 1.5 * b for b, lb in zip(args[1], args[2])]
     a, b = torch.cuda.Stream(), torch.cuda.Stream()
     for stream in (a, b):
-        out = [torch.zeros_like(t) for t in args[0]]
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            torch.cuda._sleep(10_000_000)  # keeps stream a's fill behind, if b did not wait
-            op("extrapolate_")(out, args[1], args[2], args[3], **kwargs)
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
-        assert_close_lists(out, expected, rtol=1e-6, atol=1e-6)
+    with torch.cuda.stream(a):
+        torch.cuda._sleep(50_000_000)  # the fill lands only after this
+        op("extrapolate_")(*args, **kwargs)
+    with torch.cuda.stream(b):  # the same tensors: the cached table, its fill still queued on a
+        op("extrapolate_")(*args, **kwargs)
+    torch.cuda.synchronize()
+    assert_close_lists(args[0], expected, rtol=1e-6, atol=1e-6)
 
 
 @gpu
 def test_cpu_tensor_scalars_for_a_gpu_call_are_read_without_a_sync():
     args, kwargs = problem("sgd_step_", [4096, 5], device="cuda")
     expected = copy.deepcopy(args)
+    op("sgd_step_")(*expected, **kwargs)  # also compiles, and allocates the capture arena
     tensors = {k: torch.tensor(v, dtype=torch.float64) for k, v in kwargs.items()
                if k in _ops.TENSOR_SCALARS}
+    # The variant that the CPU scalars become (float64 pointers), compiled and loaded first.
+    op("sgd_step_", "tensor")(*copy.deepcopy(args),
+                              **dict(kwargs, **{k: t.cuda() for k, t in tensors.items()}))
+    torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         op("sgd_step_", "tensor")(*args, **dict(kwargs, **tensors))
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    op("sgd_step_")(*expected, **kwargs)
     assert all(torch.equal(x, y) for x, y in zip(args[0], expected[0]))
 
 

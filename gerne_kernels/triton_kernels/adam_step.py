@@ -134,7 +134,9 @@ def adam_step_(params, grads_b, grads_lb, exp_avgs, exp_avg_sqs, max_exp_avg_sqs
                  launch.Column("MAX_EXP_AVG_SQ", "max_exp_avg_sqs",
                                max_exp_avg_sqs if amsgrad else None),
                  launch.Column("STEP", "state_steps", state_steps, per_element=False)),
-        passes=(launch.Pass(adam_step_count_kernel, launch.one_per_tensor, num_warps=1),
+        # The prologue's float64 rounds each operation, as torch.optim's Python does.
+        passes=(launch.Pass(adam_step_count_kernel, launch.one_per_tensor, num_warps=1,
+                            fp_fusion=False),
                 launch.Pass(adam_step_kernel, launch.one_per_chunk)),
         found_inf=found_inf,
         tensor_scalars=dict(scale_b=scale_b, scale_lb=scale_lb, lr=lr),

@@ -4,10 +4,10 @@ captures, and launch tables that stay valid for as long as a graph may replay.
 Kernels. A launch that Triton has not compiled and loaded in this process would, during capture,
 compile (seconds, fine) and then load a module into the CUDA context, which a capturing stream
 does not permit. So every eager launch records its *variant* (kernel, constexprs, the dtype and
-16-byte alignment of each pointer argument, num_warps, device: what makes Triton compile anew),
-and a launch during capture whose variant was never launched eagerly raises a RuntimeError
-naming the fix: one eager step with the same settings first (torch's capture recipe runs warm-up
-iterations on a side stream anyway).
+16-byte alignment of each pointer argument, launch options, device: what makes Triton compile
+anew), and a launch during capture whose variant was never launched eagerly raises a
+RuntimeError naming the fix: one eager step with the same settings first (torch's capture
+recipe runs warm-up iterations on a side stream anyway).
 
 Tables. A whole-step capture allocates the .grad tensors from the graph's private pool, so the
 addresses, and with them the tables, are new: the eager table cache cannot help. Tables needed
@@ -51,12 +51,13 @@ def record_launched(variant):
 def require_launched(variant):
     """During capture: raises for a variant never launched eagerly in this process."""
     if variant not in _launched_variants:
-        kernel, device, signature, num_warps = variant
-        settings = ", ".join(f"{entry[0]}={'/'.join(map(str, entry[1:]))}" for entry in signature)
+        kernel, device, signature, options = variant
+        settings = ", ".join(f"{entry[0]}={'/'.join(map(str, entry[1:]))}"
+                             for entry in signature + options)
         raise RuntimeError(
             f"gerne_kernels (triton): {kernel} would be compiled or loaded during CUDA graph "
-            f"capture on {device}, which CUDA does not permit: this variant ({settings}, "
-            f"num_warps={num_warps}) has not run eagerly in this process. Run one "
+            f"capture on {device}, which CUDA does not permit: this variant ({settings}) has "
+            "not run eagerly in this process. Run one "
             "eager step with the same settings and dtypes first (torch's capture recipe does: "
             "warm-up iterations on a side stream before torch.cuda.graph).")
 

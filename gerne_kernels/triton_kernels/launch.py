@@ -112,10 +112,13 @@ def gradient_columns(grads_b, grads_lb):
 @dataclasses.dataclass(frozen=True)
 class Pass:
     """One kernel launch per group: ``kernel`` over ``programs(group)`` programs (none: skipped).
-    The kernel receives, by name, those of the launch's arguments that its signature lists."""
+    The kernel receives, by name, those of the launch's arguments that its signature lists.
+    fp_fusion=False compiles it without contracting a * b + c into fused multiply-adds (each
+    operation rounds, as the reference's separate tensor ops do; the interpreter never fuses)."""
     kernel: object
     programs: Callable[["Group"], int]
     num_warps: Optional[int] = None  # None: NUM_WARPS
+    fp_fusion: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,7 +315,7 @@ def _table_values(columns, numels, rows, block):
     return tuple(values)
 
 
-def _variant(kernel, device, arguments, num_warps):
+def _variant(kernel, device, arguments, options):
     """What makes Triton compile a kernel anew (see graph_capture)."""
     signature = []
     for name, value in arguments.items():
@@ -322,7 +325,7 @@ def _variant(kernel, device, arguments, num_warps):
             signature.append((name, type(value).__name__))
         else:
             signature.append((name, str(value)))
-    return (kernel_name(kernel), str(device), tuple(signature), num_warps)
+    return (kernel_name(kernel), str(device), tuple(signature), tuple(sorted(options.items())))
 
 
 def kernel_name(kernel):
@@ -330,10 +333,10 @@ def kernel_name(kernel):
     return f"{kernel.fn.__module__}.{kernel.fn.__name__}"
 
 
-def launch_kernel(kernel, programs, arguments, num_warps):
-    """kernel[(programs,)](**arguments): the one place that launches (tests count launches
-    by patching it)."""
-    kernel[(programs,)](**arguments, num_warps=num_warps)
+def launch_kernel(kernel, programs, arguments, options):
+    """kernel[(programs,)](**arguments, **options): the one place that launches (tests count
+    launches by patching it)."""
+    kernel[(programs,)](**arguments, **options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,15 +386,17 @@ def _run(op):
             programs = step.programs(group)
             if programs:
                 kernel_arguments = _arguments_of(step.kernel, arguments, op.op_name)
-                warps = step.num_warps or num_warps
-                launches.append((step.kernel, programs, kernel_arguments, warps))
-    variants = [_variant(kernel, device, kernel_arguments, warps)
-                for kernel, _, kernel_arguments, warps in launches]
+                options = dict(num_warps=step.num_warps or num_warps)
+                if not step.fp_fusion:
+                    options["enable_fp_fusion"] = False
+                launches.append((step.kernel, programs, kernel_arguments, options))
+    variants = [_variant(kernel, device, kernel_arguments, options)
+                for kernel, _, kernel_arguments, options in launches]
     if capturing:  # all before any launch: a capture that must fail records no half step
         for variant in variants:
             graph_capture.require_launched(variant)
-    for (kernel, programs, kernel_arguments, warps), variant in zip(launches, variants):
-        launch_kernel(kernel, programs, kernel_arguments, warps)
+    for (kernel, programs, kernel_arguments, options), variant in zip(launches, variants):
+        launch_kernel(kernel, programs, kernel_arguments, options)
         if not capturing:
             graph_capture.record_launched(variant)
 

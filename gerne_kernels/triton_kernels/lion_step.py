@@ -73,7 +73,9 @@ def lion_step_(params, grads_b, grads_lb, exp_avgs, found_inf, *, lr, beta1, bet
         columns=(launch.Column("P", "params", params),
                  *launch.gradient_columns(grads_b, grads_lb),
                  launch.Column("EXP_AVG", "exp_avgs", exp_avgs)),
-        passes=(launch.Pass(lion_step_kernel, launch.one_per_chunk),),
+        # No fused multiply-adds: c = beta1 * m + (1 - beta1) * g rounds each product as the
+        # reference does, so that sign(c) near 0 does not flip (p would move by 2 lr).
+        passes=(launch.Pass(lion_step_kernel, launch.one_per_chunk, fp_fusion=False),),
         found_inf=found_inf,
         tensor_scalars=dict(scale_b=scale_b, scale_lb=scale_lb, lr=lr),
         # In double on the host, rounded once to float32 at launch, as torch does.
