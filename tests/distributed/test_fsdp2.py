@@ -9,9 +9,9 @@ whole g (opt.grad_norm equals the single-process norm), the statistics are those
 gradients. accumulate_biased() over interleaved micro-batch pairs works with FSDP2's gradient
 sync on and is refused without it (FSDP2 then mixes both batches' gradients in its own buffer);
 the stash mode accumulates each batch with FSDP2's sync on its last micro-batch only.
-Norms over DTensor and plain parameters together are refused. And torch.distributed.checkpoint (get_state_dict, dcp.save, dcp.load,
-set_state_dict) resumes a sharded run bit-identically, from a fresh optimizer (DCP's lr = 0
-priming step), between steps and with a stash pending.
+Norms over DTensor and plain parameters together are refused. And torch.distributed.checkpoint
+(get_state_dict, dcp.save, dcp.load, set_state_dict) resumes a sharded run bit-identically, from
+a fresh optimizer (DCP's lr = 0 priming step), between steps and with a stash pending.
 
 One spawn runs every check (process start-up dominates the run time); the tests read its
 results.
