@@ -58,10 +58,12 @@ class GERNE(TwoBatchOptimizer):
             raise ValueError(f"optimizer must be one of {sorted(REGISTRY)}, got {optimizer!r}")
         self.base_optimizer = REGISTRY[optimizer]
         known = self.base_optimizer.defaults
-        unknown = sorted(set(hyperparameters) - set(known))
+        unknown = sorted(set(hyperparameters) - set(known) | (
+            set(hyperparameters) & set(self.base_optimizer.fixed)))
         if unknown:
             raise TypeError(f"GERNE(optimizer={optimizer!r}) got unexpected hyperparameters "
-                            f"{unknown}; the accepted ones are {sorted(known)} "
+                            f"{unknown}; the accepted ones are "
+                            f"{sorted(set(known) - set(self.base_optimizer.fixed))} "
                             "(as in torch.optim)")
         defaults = dict(known, **hyperparameters)
         defaults.update(beta=beta, beta_bounds=beta_bounds)

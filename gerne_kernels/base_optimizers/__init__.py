@@ -8,7 +8,7 @@ from .sgd import SGD
 
 REGISTRY = {entry.name: entry for entry in (
     SGD(),
-    Adam("adam", decoupled_weight_decay=False, weight_decay=0.0),
-    Adam("adamw", decoupled_weight_decay=True, weight_decay=1e-2),
+    Adam("adam", decoupled=False, weight_decay=0.0),
+    Adam("adamw", decoupled=True, weight_decay=1e-2),
     Lion(),
 )}

@@ -18,13 +18,17 @@ from .base_optimizer import TORCH_FLAGS, BaseOptimizer
 
 
 class Adam(BaseOptimizer):
+    """Adam, or AdamW (``decoupled``): as in torch, AdamW's groups hold
+    decoupled_weight_decay=True, which it does not take as an argument, and Adam takes
+    decoupled_weight_decay (default False; True is AdamW's update)."""
     op = "adam_step_"
 
-    def __init__(self, name, decoupled_weight_decay, weight_decay):
+    def __init__(self, name, decoupled, weight_decay):
         self.name = name
-        self.decoupled_weight_decay = decoupled_weight_decay
         self.defaults = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay,
-                             amsgrad=False, maximize=False, **TORCH_FLAGS)
+                             amsgrad=False, maximize=False, decoupled_weight_decay=decoupled,
+                             **TORCH_FLAGS)
+        self.fixed = {"decoupled_weight_decay": True} if decoupled else {}
 
     def check(self, group, where, read_tensors=True):
         super().check(group, where, read_tensors)
@@ -60,5 +64,7 @@ class Adam(BaseOptimizer):
             if amsgrad else [],
             [s["step"] for s in states], call.found_inf, beta1=float(beta1), beta2=float(beta2),
             eps=group["eps"], weight_decay=group["weight_decay"], amsgrad=amsgrad,
-            maximize=group["maximize"], decoupled_weight_decay=self.decoupled_weight_decay,
+            maximize=group["maximize"],
+            decoupled_weight_decay=bool(self.fixed.get("decoupled_weight_decay",
+                                                       group["decoupled_weight_decay"])),
             **call.scalars())

@@ -4,8 +4,8 @@ GERNE forms the extrapolated gradient g = (1 + beta) g_lb - beta g_b inside one 
 bucket of tensors; the base optimizer says which op, with which hyperparameters and state. Its
 module holds, and nothing else in the package branches on it:
 
-* ``defaults``: its hyperparameters with torch.optim's defaults (GERNE adds beta and
-  beta_bounds);
+* ``defaults``: its hyperparameters with torch.optim's defaults, the keys of its param groups
+  (GERNE adds beta and beta_bounds); ``fixed``: those it does not take as arguments;
 * ``check(group, where)``: torch.optim's range checks of those hyperparameters;
 * ``update(call)``: for one bucket, the state it creates (recorded in ``call.created``, so that
   a skipped step can remove it again) and the call of its op.
@@ -68,6 +68,7 @@ class BaseOptimizer:
     name = None
     op = None
     defaults = {}
+    fixed = {}  # keys of the groups with a value the optimizer does not take as an argument
 
     def check(self, group, where, read_tensors=True):
         """torch.optim's checks of the group's hyperparameters (lr and the implementation

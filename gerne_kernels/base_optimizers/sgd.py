@@ -5,6 +5,7 @@
     g <- g + momentum * buf (nesterov) or buf;   p <- p - lr * g
 
 State: ``momentum_buffer`` per parameter, created on its first step (with momentum only).
+torch.optim.SGD takes no ``capturable`` flag; neither does this (the step is capturable anyway).
 """
 
 import torch
@@ -17,7 +18,8 @@ class SGD(BaseOptimizer):
     name = "sgd"
     op = "sgd_step_"
     defaults = dict(lr=1e-3, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
-                    maximize=False, **TORCH_FLAGS)
+                    maximize=False,
+                    **{k: v for k, v in TORCH_FLAGS.items() if k != "capturable"})
 
     def check(self, group, where, read_tensors=True):
         super().check(group, where, read_tensors)
