@@ -1,12 +1,12 @@
 """Offline Colored MNIST, and the folder loaders on tiny fixtures built here."""
-import csv
 import os
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from dataset_fixtures import png as _png
+from dataset_fixtures import write_csv as _csv
 from gerne_kernels.datasets import (COLORS, celeba, civilcomments, colored_mnist,
                                     colored_mnist_folder, corrupted_cifar10_folder,
                                     load_digit_images, waterbirds)
@@ -124,18 +124,6 @@ def test_colored_mnist_errors():
 
 # ---------------------------------------------------------------------------------------------
 # Folder loaders on tiny fixtures
-
-def _png(path, color, size=(6, 5)):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.new("RGB", size, color).save(path)
-
-
-def _csv(path, header, rows):
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-
 
 def test_waterbirds(tmp_path):
     rows = []
