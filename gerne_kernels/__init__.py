@@ -12,10 +12,10 @@ from .wrapper import GERNEWrapper
 from .sampler import TwoBatchSampler
 from .bounds import BetaBounds, beta_bounds
 from .pseudo_groups import pseudo_attributes, train_biased_model
-from . import metrics, datasets
+from . import metrics, datasets, strategies
 
 __version__ = "0.1.0"
 
 __all__ = ["GERNE", "GERNEWrapper", "GradientStatistics", "available_backends",
            "TwoBatchSampler", "BetaBounds", "beta_bounds", "pseudo_attributes",
-           "train_biased_model", "metrics", "datasets"]
+           "train_biased_model", "metrics", "datasets", "strategies"]
