@@ -79,11 +79,11 @@ def make_gerne(mode, params, kind, hyper, beta, backend):
     return gk.GERNE(params, optimizer=kind, beta=beta, backend=backend, **hyper)
 
 
-def gerne_step(opt, mode, loss_b, loss_lb, on_grads=None):
-    """One step of ``opt`` in ``mode`` on two loss closures. ``on_grads(stage)`` runs where .grad
-    holds a finished gradient: "b" (stash modes, before stash_biased()) and "lb" (before
-    step(); the stash is pending then)."""
-    opt.zero_grad()
+def gerne_step(opt, mode, loss_b, loss_lb, on_grads=None, set_to_none=True):
+    """One step of ``opt`` in ``mode`` on two loss closures, from zero_grad(set_to_none) on.
+    ``on_grads(stage)`` runs where .grad holds a finished gradient: "b" (stash modes, before
+    stash_biased()) and "lb" (before step(); the stash is pending then)."""
+    opt.zero_grad(set_to_none=set_to_none)
     if mode in ("stash", "wrapper"):
         loss_b().backward()
         if on_grads is not None:
@@ -100,6 +100,16 @@ def gerne_step(opt, mode, loss_b, loss_lb, on_grads=None):
     if on_grads is not None:
         on_grads("lb")
     opt.step()
+
+
+def plain_steps(runs, inputs, loss):
+    """torch.optim's plain loop (GERNE's at beta = 0) for each (model, optimizer) of runs:
+    zero_grad(); loss(model, x).backward(); step() for each x of inputs."""
+    for x in inputs:
+        for model, opt in runs:
+            opt.zero_grad()
+            loss(model, x).backward()
+            opt.step()
 
 
 def extrapolated(g_b, g_lb, beta, dtype):
