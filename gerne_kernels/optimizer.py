@@ -108,4 +108,6 @@ class GERNE(TwoBatchOptimizer):
         state_dict = dict(state_dict)
         legacy = state_dict.pop("gerne", None)
         super().load_state_dict(state_dict)
+        for p, state in self.state.items():
+            self.base_optimizer.load_state(p, state)
         self._restore_checkpoint_extras(legacy)

@@ -36,6 +36,15 @@ class Adam(BaseOptimizer):
         hp.nonnegative(group, "eps", where)
         hp.check_betas(group, where)
 
+    def load_state(self, p, state):
+        """A "step" that is a Python number (an older torch.optim checkpoint) becomes a float32
+        tensor, as torch.optim's Adam makes it on load; on p's device."""
+        step = state.get("step")
+        if step is not None and not isinstance(step, torch.Tensor):
+            state["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device)
+        elif step is not None and step.device != p.device:
+            state["step"] = step.to(p.device)
+
     def update(self, call):
         bucket, group = call.bucket, call.bucket.group
         amsgrad = group["amsgrad"]
@@ -49,11 +58,7 @@ class Adam(BaseOptimizer):
             if amsgrad and "max_exp_avg_sq" not in state:
                 call.new_state(p, max_exp_avg_sq=torch.zeros_like(
                     p, memory_format=torch.preserve_format))
-            step = state["step"]
-            if not isinstance(step, torch.Tensor):  # an older torch.optim checkpoint
-                state["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device)
-            elif step.device != p.device:
-                state["step"] = step.to(p.device)
+            self.load_state(p, state)
         states = [call.state[p] for p in bucket.params]
         beta1, beta2 = group["betas"]
         call.impl.op(self.op)(

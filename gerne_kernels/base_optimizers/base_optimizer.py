@@ -76,5 +76,9 @@ class BaseOptimizer:
         hp.check_lr(group, where, read_tensors)
         check_torch_flags(group, where)
 
+    def load_state(self, param, state):
+        """Brings a loaded checkpoint's state of param into the form the update uses (in place;
+        by default it already is)."""
+
     def update(self, call):
         raise NotImplementedError
