@@ -290,6 +290,9 @@ def test_torch_optim_float_step_checkpoint_continues_as_torch_optim(backend, kin
     opt = gk.GERNE(model.parameters(), optimizer=kind, lr=1e-2, beta=BETA, backend=backend)
     opt.load_state_dict(copy.deepcopy(checkpoint))
     ref_opt.load_state_dict(copy.deepcopy(checkpoint))
+    for p, q in zip(model.parameters(), ref.parameters()):  # a tensor once loaded, as torch's
+        assert torch.is_tensor(opt.state[p]["step"]) and torch.is_tensor(ref_opt.state[q]["step"])
+        assert torch.equal(opt.state[p]["step"], ref_opt.state[q]["step"])
     for x_b, x_lb in data[2:]:
         step(model, opt, x_b, x_lb)
         torch_step(ref, ref_opt, x_b, x_lb)

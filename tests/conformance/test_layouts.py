@@ -265,3 +265,67 @@ def test_gradients_in_another_layout_than_their_parameter(backend, config, relay
     if mode != "wrapper":  # GERNE's new state takes the parameter's layout, as torch's Adam's
         check_state_layouts(opt, params, [
             torch.zeros_like(p, memory_format=torch.preserve_format).stride() for p in params])
+
+
+@pytest.mark.parametrize("config", ["sgd-nesterov-wd", "adamw-amsgrad"])
+def test_state_in_another_layout_than_its_parameter(backend, config):
+    """A checkpoint of a contiguous model loaded after model.to(channels_last): its state keeps
+    the contiguous layout, and the steps continue as torch.optim's from the same checkpoint."""
+    kind, hyper = CONFIGS[config]
+    torch.manual_seed(0)
+    model = Block()
+    opt = make_gerne("stash", model.parameters(), kind, hyper, BETA, backend)
+    data = block_batches(STEPS + 2)
+    for x_b, x_lb in data[:2]:
+        gerne_step(opt, "stash", lambda: block_loss(model, (x_b[0].contiguous(), x_b[1])),
+                   lambda: block_loss(model, (x_lb[0].contiguous(), x_lb[1])))
+    checkpoint = copy.deepcopy(opt.state_dict())
+    saved = [p.stride() for p in model.parameters()]  # the state's layout in the checkpoint
+    model = model.to(memory_format=torch.channels_last)
+    ref = copy.deepcopy(model)
+    params = list(model.parameters())
+    opt = make_gerne("stash", params, kind, hyper, BETA, backend)
+    ref_opt = TORCH_OPTIMIZERS[kind](ref.parameters(), foreach=False, **hyper)
+    opt.load_state_dict(copy.deepcopy(checkpoint))
+    ref_opt.load_state_dict(copy.deepcopy(checkpoint))
+    assert sum(a != p.stride() for a, p in zip(saved, params)) == 3  # the three convs
+    check_state_layouts(opt, params, saved)
+    for x_b, x_lb in data[2:]:
+        gerne_step(opt, "stash", lambda: block_loss(model, x_b), lambda: block_loss(model, x_lb))
+        oracle_step(list(ref.parameters()), ref_opt, lambda: block_loss(ref, x_b),
+                    lambda: block_loss(ref, x_lb), BETA)
+    for p, q in zip(params, ref.parameters()):
+        torch.testing.assert_close(p, q, **TOLERANCE)
+    check_state_layouts(opt, params, saved)  # updated where it lies
+
+
+def test_dense_layouts_are_operands_in_place():
+    """What the fused ops receive: a dense parameter in any memory order, its gradients and its
+    state are flat views of their own memory (no temporary, nothing to copy back); a view with
+    gaps, and a gradient in another layout, go through temporaries."""
+    from gerne_kernels import buckets
+    dense = permuted_params() + [nn.Parameter(torch.randn(6, 4))]
+    gapped, _ = gapped_params()
+    odd = nn.Parameter(torch.randn(6, 4).t())
+    for p in dense + gapped:
+        p.grad = torch.randn_like(p)  # autograd's layout: the parameter's, where it is dense
+    odd.grad = torch.randn(4, 6)  # contiguous: another layout than its parameter's
+    state = {p: {"grad_b": torch.randn_like(p)} for p in dense + gapped + [odd]}
+    with torch.no_grad():
+        bucket, = buckets.gather({"params": dense}, state, has_stash=True)
+        for i, p in enumerate(dense):
+            for operand, tensor in ((bucket.p[i], p), (bucket.grads_lb[i], p.grad),
+                                    (bucket.grads_b[i], state[p]["grad_b"])):
+                assert operand.is_contiguous() and operand.numel() == p.numel()
+                assert operand.data_ptr() == tensor.data_ptr()
+            exp_avg = torch.zeros_like(p, memory_format=torch.preserve_format)
+            assert bucket.operand(i, exp_avg, written=True).data_ptr() == exp_avg.data_ptr()
+        assert not bucket._write_backs
+        bucket, = buckets.gather({"params": gapped + [odd]}, state, has_stash=True)
+        for i, p in enumerate(gapped):
+            assert bucket.p[i].is_contiguous() and bucket.p[i].data_ptr() != p.data_ptr()
+        assert [t for t, _ in bucket._write_backs] == gapped  # copied back after the op
+        assert bucket.p[-1].data_ptr() == odd.data_ptr()
+        assert bucket.grads_lb[-1].data_ptr() != odd.grad.data_ptr()  # a temporary, read only
+        assert torch.equal(bucket.grads_lb[-1], buckets.flat_view(
+            torch.empty_like(odd).copy_(odd.grad)))
