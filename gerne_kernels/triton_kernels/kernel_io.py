@@ -8,7 +8,8 @@ chunks of this row and all rows before it (column WIDTH - 1). Program k works on
 launch: its row is the first whose chunk_end exceeds k, found by binary search, as the CUDA
 harness does (csrc/cuda/multi_tensor_apply.cuh). An address becomes a typed pointer by a cast to
 ``tl.pointer_type(DTYPE)``, DTYPE a constexpr of the column, so the kernel's only pointer
-arguments are the table, found_inf and scalars in memory.
+arguments are the table, found_inf, scalars in memory and an op's own buffers (Adam's per-tensor
+scalars, scan_'s sums).
 
 Loads return float32; stores take float32 and convert to the column's dtype. MASKED (a
 compile-time flag) selects bounds-checked accesses for a tensor's last, partial block (and for

@@ -20,7 +20,9 @@ searched by the program in log2(tensors) steps, as the CUDA harness does) rather
 second table with one row per chunk: the table then grows with the tensors, not the elements
 (a 2^24-element step would need a chunk table of 8192 rows and its copy on every cache miss),
 and one key, one copy, one cache entry and one capture-arena slice serve the launch. The search
-costs a few cached loads per program of BLOCK elements.
+costs log2(tensors) dependent loads of a few-kilobyte table (cache hits) per program of BLOCK
+elements, at the program's start, where other resident programs' loads hide it (not yet
+measured on a GPU).
 
 Compile-time specialisation is explicit: element dtypes are constexprs per column (the kernel
 casts table addresses with tl.pointer_type), float scalars are always float32 kernel arguments
