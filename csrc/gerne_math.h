@@ -44,27 +44,22 @@ inline T opaque(T x) {
 }
 #endif
 
-GERNE_HD double mul_rn(double a, double b) {
+// name(a, b): on the device the rounded intrinsic, on the host the expression.
 #if defined(__CUDA_ARCH__)
-  return __dmul_rn(a, b);
+#define GERNE_ROUNDED_OP(type, name, intrinsic, host) \
+  GERNE_HD type name(type a, type b) { return intrinsic(a, b); }
 #else
-  return opaque(a * b);
+#define GERNE_ROUNDED_OP(type, name, intrinsic, host) \
+  GERNE_HD type name(type a, type b) { return host; }
 #endif
-}
-GERNE_HD double sub_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dsub_rn(a, b);
-#else
-  return a - b;
-#endif
-}
-GERNE_HD double div_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __ddiv_rn(a, b);
-#else
-  return a / b;
-#endif
-}
+GERNE_ROUNDED_OP(double, mul_rn, __dmul_rn, opaque(a * b))
+GERNE_ROUNDED_OP(double, sub_rn, __dsub_rn, a - b)
+GERNE_ROUNDED_OP(double, div_rn, __ddiv_rn, a / b)
+GERNE_ROUNDED_OP(float, mul_rn, __fmul_rn, opaque(a * b))
+GERNE_ROUNDED_OP(float, add_rn, __fadd_rn, a + b)
+GERNE_ROUNDED_OP(float, sub_rn, __fsub_rn, a - b)
+#undef GERNE_ROUNDED_OP
+
 GERNE_HD double sqrt_rn(double x) {
 #if defined(__CUDA_ARCH__)
   return __dsqrt_rn(x);
@@ -73,27 +68,6 @@ GERNE_HD double sqrt_rn(double x) {
 #endif
 }
 
-GERNE_HD float mul_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
-#else
-  return opaque(a * b);
-#endif
-}
-GERNE_HD float add_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-GERNE_HD float sub_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fsub_rn(a, b);
-#else
-  return a - b;
-#endif
-}
 // a * b + c with one rounding.
 GERNE_HD float fused_mul_add(float a, float b, float c) {
 #if defined(__CUDA_ARCH__)

@@ -84,21 +84,23 @@ def test_cuda_sources_compile_and_link_for_sm80_and_sm90(cuda_build):
 
 
 def test_cuda_ops_register_and_check_their_arguments(cuda_build):
-    """Loaded in a fresh process (no GPU needed), the library registers the three ops for the
-    CUDA dispatch key; reached through that key with CPU tensors, the CUDA kernel's own argument
-    check answers (the kernels themselves need a device)."""
+    """Loaded in a fresh process (no GPU needed), the library registers every op of the registry
+    (both overloads, one unit per op file) for the CUDA dispatch key; reached through that key
+    with CPU tensors, the CUDA kernel's own argument check answers (the kernels themselves need a
+    device)."""
     code = textwrap.dedent(f"""
         import torch
         from gerne_kernels import _ops
         torch.ops.load_library({cuda_build.library_path!r})
-        for name in ("sgd_step_", "adam_step_", "extrapolate_"):
-            assert torch._C._dispatch_has_kernel_for_dispatch_key(
-                "gerne_kernels::" + name, "CUDA"), name
+        for spec in _ops.OPS:
+            for overload in ("", ".tensor"):
+                name = "gerne_kernels::" + spec.name + overload
+                assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"), name
         keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
         try:
             _ops.op("extrapolate_").redispatch(keys, [torch.ones(3)], [torch.ones(3)],
                                                [torch.ones(3)], torch.zeros(()), scale_b=-1.0,
-                                               scale_lb=2.0, check_finite=True)
+                                               scale_lb=2.0)
         except RuntimeError as exc:
             print(str(exc).splitlines()[0])
     """)
