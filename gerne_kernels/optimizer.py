@@ -10,7 +10,7 @@ the ops of ``_ops.py`` (reference: ``_reference.py``).
 
 from .base_optimizers import REGISTRY
 from .base_optimizers.base_optimizer import UpdateCall
-from .two_batch import TwoBatchOptimizer, check_beta_of
+from .two_batch import TwoBatchOptimizer, check_beta_of, found_any
 
 
 class GERNE(TwoBatchOptimizer):
@@ -91,8 +91,7 @@ class GERNE(TwoBatchOptimizer):
             bucket.write_back()
         # State created for a step that was then skipped must vanish again: a skipped step
         # changes nothing. Only steps that create state pay this host read.
-        if created and self._may_skip() and any(float(found) != 0
-                                                for found in found_per_device.values()):
+        if created and self._may_skip() and found_any(found_per_device.values()):
             for p, keys in created:
                 for key in keys:
                     self.state[p].pop(key, None)

@@ -353,7 +353,8 @@ class TwoBatchOptimizer(Optimizer):
     @property
     def skipped_steps(self):
         """How many steps were skipped for inf/NaN gradients (reads device counters)."""
-        return int(sum(float(count) for count in self._record.skipped.values()))
+        return int(sum(float(count) for count in self._record.skipped.values()
+                       if count.device.type != "meta"))
 
     def _validate_before_step(self):
         for i, group in enumerate(self.param_groups):
@@ -570,6 +571,12 @@ class TwoBatchOptimizer(Optimizer):
 def check_beta_of(group, where, read_tensors=True):
     """GERNE's own keys of a param group: beta, within its beta_bounds."""
     hp.check_beta(group["beta"], group.get("beta_bounds"), where, read_tensors)
+
+
+def found_any(flags):
+    """True when a step's found_inf flag is set on any device (reads them; a meta tensor holds
+    no value and counts as unset, so that meta parameters step as torch.optim's do)."""
+    return any(float(flag) != 0 for flag in flags if flag.device.type != "meta")
 
 
 def extrapolated_loss(loss_b, loss_lb, beta):

@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 
 from . import sharding
 from .buckets import PERMUTED, layout_of, same_strides
-from .two_batch import TwoBatchOptimizer, check_beta_of
+from .two_batch import TwoBatchOptimizer, check_beta_of, found_any
 
 
 class GERNEWrapper(TwoBatchOptimizer):
@@ -111,8 +111,7 @@ class GERNEWrapper(TwoBatchOptimizer):
                                     scale_lb=bucket.scale_lb)
         if self.base.state and sharding.called_by_dcp_priming():
             return  # DCP primes this wrapper (its own state is empty), not a base with state
-        if not self._may_skip() or not any(float(found) != 0
-                                           for found in found_per_device.values()):
+        if not self._may_skip() or not found_any(found_per_device.values()):
             self.base.step()
 
     # ----------------------------------------------------------------------------------------
