@@ -210,16 +210,19 @@ META_RUNS = [(kind, mode) for kind in ("sgd", "adam", "adamw", "lion")
              if kind in META_TORCH or mode != "wrapper"]
 
 
+@pytest.mark.parametrize("skip_nonfinite", [None, True])  # True: the inf/NaN guard's reads
 @pytest.mark.parametrize("kind,mode", META_RUNS)
-def test_meta_parameters_step_as_torch_optims(kind, mode):
+def test_meta_parameters_step_as_torch_optims(kind, mode, skip_nonfinite):
     model = meta_model()
     if mode == "wrapper":
         cls, hyper = META_TORCH[kind]
-        opt = gk.GERNEWrapper(cls(model.parameters(), **hyper), beta=BETA)
+        opt = gk.GERNEWrapper(cls(model.parameters(), **hyper), beta=BETA,
+                              skip_nonfinite=skip_nonfinite)
         state = opt.base.state
     else:
         hyper = META_TORCH[kind][1] if kind in META_TORCH else {}
-        opt = gk.GERNE(model.parameters(), optimizer=kind, beta=BETA, **hyper)
+        opt = gk.GERNE(model.parameters(), optimizer=kind, beta=BETA,
+                       skip_nonfinite=skip_nonfinite, **hyper)
         state = opt.state
     for _ in range(2):
         gerne_step(opt, mode, lambda: meta_loss(model), lambda: meta_loss(model))
@@ -230,7 +233,8 @@ def test_meta_parameters_step_as_torch_optims(kind, mode):
         for key, value in state[p].items():
             if key != "step":  # torch.optim keeps a non-capturable step on the CPU
                 assert value.is_meta and value.shape == p.shape, key
-    assert not opt.has_stash()
+    assert not opt.has_stash() and opt.skipped_steps == 0
+    assert len(opt.state_dict()["state"]) == 4
 
 
 # ------------------------------------------------------------------------------------------
