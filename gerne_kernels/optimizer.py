@@ -79,6 +79,12 @@ class GERNE(TwoBatchOptimizer):
         """The base optimizer's registry name ("sgd", "adam", "adamw", "lion")."""
         return self.base_optimizer.name
 
+    def _older_group_defaults(self):
+        """A checkpoint older than one of torch.optim's flags (maximize, foreach, ...) lacks
+        it: it takes torch.optim's default, as torch.optim's __setstate__ gives it, not this
+        optimizer's argument; GERNE's own keys (beta) take this optimizer's defaults."""
+        return dict(self.defaults, **self.base_optimizer.defaults)
+
     def _check_group(self, group, where, read_tensors=True):
         self.base_optimizer.check(group, where, read_tensors)
         check_beta_of(group, where, read_tensors)

@@ -129,18 +129,22 @@ class TwoBatchOptimizer(Optimizer):
         return state
 
     def __setstate__(self, state):
-        # Checkpoints of torch.optim optimizers, or of older versions, lack GERNE's keys:
-        # they take this optimizer's defaults.
+        # Checkpoints of torch.optim optimizers, or of older versions, lack keys: they take
+        # _older_group_defaults().
         state = dict(state)
         extras = state.pop("two_batch", None)
         super().__setstate__(state)
-        for group in self.param_groups:
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
-        if extras is not None:  # a copy: the stash marker names the copy's parameters
+        if extras is not None:
             self.__dict__.update(extras)
-            if self._record.stash_signature is not None:
-                self._record.stash_signature = self._signature()
+        for group in self.param_groups:
+            for key, value in self._older_group_defaults().items():
+                group.setdefault(key, value)
+        if extras is not None and self._record.stash_signature is not None:
+            self._record.stash_signature = self._signature()  # names the copy's parameters
+
+    def _older_group_defaults(self):
+        """What a loaded group lacks takes: this optimizer's defaults."""
+        return self.defaults
 
     def _params(self):
         return [p for group in self.param_groups for p in group["params"]]
