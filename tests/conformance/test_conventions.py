@@ -107,6 +107,23 @@ def test_copies_step_as_the_original(backend, kind, when, how):
     assert opt.state_dict()["state"].keys() == opt2.state_dict()["state"].keys()
 
 
+@pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
+def test_deepcopy_copies_all_public_attrs(backend, kind):
+    """test_optim's test_deepcopy_copies_all_public_attrs, after a step with statistics on."""
+    model = make_model()
+    opt = OPTIMIZERS[kind](model.parameters(), backend)
+    opt.track_statistics, opt.max_grad_norm = True, 10.0
+    step(model, opt, *batches(1)[0])
+
+    def public(obj):
+        return {k for k in obj.__dict__ if not k.startswith("_")}
+    copied = copy.deepcopy(opt)
+    assert public(copied) == public(opt)
+    for key in public(opt) - {"state", "param_groups", "base", "base_optimizer", "defaults"}:
+        assert getattr(copied, key) == getattr(opt, key), key
+    assert copied.statistics is not None and copied.grad_norm is not None
+
+
 def test_torch_save_of_the_whole_optimizer_round_trips(backend):
     """torch.save(opt) pickles the object itself (not a state_dict)."""
     model = make_model()

@@ -76,18 +76,19 @@ def layouts_of(params):
 
 def check_state_layouts(opt, params, expected_strides):
     for p, strides in zip(params, expected_strides):
+        assert state_of(opt, p), tuple(p.shape)  # state exists to be checked
         for key, value in state_of(opt, p).items():
             if torch.is_tensor(value) and value.dim() > 0:
                 assert value.stride() == strides, (key, tuple(p.shape))
 
 
-def stash_checker(opt, mode, params, expected):
+def stash_checker(opt, mode, params, strides):
     """on_grads for gerne_step: while the stash is pending, each parameter's stash has the
-    strides ``expected(i, p)`` gives."""
+    given strides."""
     def on_grads(stage):
         if stage == "lb" and mode in ("stash", "wrapper"):
-            for i, p in enumerate(params):
-                assert opt.state[p]["grad_b"].stride() == expected(i, p), tuple(p.shape)
+            for p, expected in zip(params, strides):
+                assert opt.state[p]["grad_b"].stride() == expected, tuple(p.shape)
     return on_grads
 
 
@@ -122,7 +123,7 @@ def test_channels_last_resnet_block(backend, config, mode):
         return block_loss(model if ps is params else ref, batch)
     opt, _ = run_against_torch(
         params, ref_params, loss, block_batches(STEPS), kind, hyper, mode, backend,
-        lambda opt: stash_checker(opt, mode, params, lambda i, p: strides[i]))
+        lambda opt: stash_checker(opt, mode, params, strides))
     for name, buffer in model.named_buffers():  # both saw the same forwards in train mode
         torch.testing.assert_close(buffer, ref.get_buffer(name), **TOLERANCE)
     assert layouts_of(params) == before  # updated in place, still channels_last
@@ -159,7 +160,7 @@ def test_dense_parameters_in_any_memory_order(backend, config, mode):
     strides = [p.stride() for p in params]
     opt, _ = run_against_torch(
         params, ref_params, elementwise_loss, elementwise_batches(params, STEPS), kind, hyper,
-        mode, backend, lambda opt: stash_checker(opt, mode, params, lambda i, p: strides[i]))
+        mode, backend, lambda opt: stash_checker(opt, mode, params, strides))
     assert layouts_of(params) == before
     check_state_layouts(opt, params, strides)
 

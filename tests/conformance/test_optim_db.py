@@ -223,7 +223,55 @@ def test_defaults_are_torch_optims(torch_cls):
     _, dense, views = build()
     ref = torch_cls(dense + views)
     opt = gk.GERNE(dense + views, optimizer=NAMES[torch_cls])
-    expected = {k: v for k, v in ref.defaults.items() if k != "decoupled_weight_decay"}
+    expected = ref.defaults
     assert {k: opt.defaults[k] for k in expected if k in opt.defaults} == expected
     extra = set(opt.defaults) - set(expected)
     assert extra <= {"beta", "beta_bounds", "foreach", "fused", "capturable", "differentiable"}
+
+
+# torch.optim gained these flags over the years; test_optim's test_can_load_older_state_dict
+# removes them from a checkpoint's groups, loads it and steps on.
+NEWER_FLAGS = ("maximize", "foreach", "fused", "differentiable", "capturable",
+               "decoupled_weight_decay")
+
+
+def without_newer_flags(state_dict):
+    older = copy.deepcopy(state_dict)
+    for group in older["param_groups"]:
+        for flag in NEWER_FLAGS:
+            group.pop(flag, None)
+    return older
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["gerne", "wrapper"])
+@pytest.mark.parametrize("case", CPU_INPUTS, ids=input_id)
+def test_can_load_older_state_dict(backend, case, wrapped):
+    """After a step, a checkpoint whose groups lack torch.optim's newer flags loads (the flags
+    take their defaults) and the run steps on as torch.optim's does from its own such
+    checkpoint."""
+    torch_cls, oi = case
+    name, kwargs = gerne_kwargs(torch_cls, oi.kwargs)
+    ref_model, ref_dense, ref_views = build()
+    model, dense, views = build()
+    ref = torch_cls(ref_dense + ref_views, **copy.deepcopy(oi.kwargs))
+    if wrapped:
+        opt = gk.GERNEWrapper(torch_cls(dense + views, **copy.deepcopy(oi.kwargs)), beta=1.0,
+                              backend=backend)
+    else:
+        opt = gk.GERNE(dense + views, optimizer=name, beta=1.0, backend=backend, **kwargs)
+    for i in range(3):
+        for o in (opt, ref):
+            o.zero_grad()
+        feed(opt, "stash", lambda: loss_of(model, dense, views))
+        loss_of(ref_model, ref_dense, ref_views).backward()
+        opt.step()
+        ref.step()
+        if i == 0:
+            opt.load_state_dict(without_newer_flags(opt.state_dict()))
+            ref.load_state_dict(without_newer_flags(ref.state_dict()))
+            for flag in ("maximize", "differentiable", "decoupled_weight_decay"):
+                if flag in ref.param_groups[0]:  # the flags that change the math: as torch's
+                    assert opt.param_groups[0][flag] == ref.param_groups[0][flag], flag
+    assert_tensors_ulps(dense + views, ref_dense + ref_views, EXACT_ULPS,
+                        floor=float(ref.param_groups[0]["lr"]))
+    assert_states_ulps(opt.state_dict()["state"], ref.state_dict()["state"], EXACT_ULPS)
