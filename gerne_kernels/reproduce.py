@@ -476,6 +476,7 @@ def save_plot(result: dict, path: str) -> None:
                     ax.plot([r for r, _ in ref], [v for _, v in ref], style,
                             label=f"paper: {METHODS[key].label}")
         ax.set_xscale("log")
+        ax.minorticks_off()
         ax.set_xticks(x)
         ax.set_xticklabels([f"{v:g}" for v in x])
         ax.set_xlabel("minority ratio (%)")
