@@ -18,8 +18,8 @@ Parameters and the whole optimizer state are compared after every step.
 Tolerance: float32 ulps of the larger value, for parameters of at least lr: a step moves a
 parameter by up to about lr (Adam), so rounding the update costs an ulp of lr, which is many
 ulps of a parameter far smaller than lr (torch's own fused and for-loop Adam differ by 16 ulps
-of such a parameter in this loop, by 2 ulps of lr). ``EXACT_ULPS`` where g_b == g_lb makes g exact
-(beta = 0 or 1): what is left is rounding of the update itself (fma contraction in the fused
+of such a parameter in this loop, by 2 ulps of lr). ``EXACT_ULPS`` where g_b == g_lb makes g
+exact (beta = 0 or 1): what is left is rounding of the update itself (fma contraction in the fused
 kernels and torch's foreach/fused paths, lr / bias correction formed in float64 or float32).
 ``ROUNDED_ULPS`` for beta = 0.7, where (1.7 g) - (0.7 g) rounds g by an ulp at each step.
 
@@ -34,11 +34,13 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torch.testing._internal.common_optimizers import optim_db
 
-import gerne_kernels as gk
-from conformance.helpers import assert_states_ulps, assert_tensors_ulps
-from gerne_kernels.base_optimizers import REGISTRY
+pytest.importorskip("expecttest", reason="torch's common_optimizers imports it (the test extra)")
+from torch.testing._internal.common_optimizers import optim_db  # noqa: E402
+
+import gerne_kernels as gk  # noqa: E402
+from conformance.helpers import assert_states_ulps, assert_tensors_ulps  # noqa: E402
+from gerne_kernels.base_optimizers import REGISTRY  # noqa: E402
 
 NAMES = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adamw"}
 INFOS = [info for info in optim_db if info.optim_cls in NAMES]
@@ -47,7 +49,7 @@ ROUNDED_ULPS = 16
 ITERATIONS = 6
 
 # Keys of an input that GERNE cannot express, each with the reason (the test is skipped with
-# it). torch 2.11-2.14's inputs for SGD, Adam and AdamW have none: every hyperparameter maps,
+# it). torch 2.14's inputs for SGD, Adam and AdamW have none: every hyperparameter maps,
 # and the implementation flags are accepted.
 INEXPRESSIBLE = {}
 
