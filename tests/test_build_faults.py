@@ -2,7 +2,8 @@
 
 Each fault runs against a throwaway cache. It must end within seconds in a working fallback with
 one warning (backend="auto"), or in a clear error when backend="cpu" is asked for by name, and
-``python -m gerne_kernels info`` must show the cause and the build log's path.
+``python -m gerne_kernels build`` must show the cause and the build log's path (``info``, which
+compiles nothing, shows the cache folder and that ``auto`` falls back).
 
 Faults that stop a build before it starts (missing or broken compiler, missing ninja, a lock held
 by a live process, an unwritable cache) run in this process. Faults that need a real compile (two
@@ -157,16 +158,23 @@ def test_cpu_by_name_raises_a_clear_error_and_changes_nothing(fault):
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
-def run_info(env_changes, drop=(), timeout=120):
+def run_cli(command, env_changes, drop=(), timeout=120):
+    """``python -m gerne_kernels <command>`` with os.environ plus env_changes, less drop:
+    (exit status, stdout, seconds)."""
     env = dict(os.environ, PYTHONPATH=REPO)
     env.update(env_changes)
     for key in drop:
         env.pop(key, None)
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "gerne_kernels", "info"], env=env, cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "gerne_kernels", *command], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout, time.monotonic() - started
+    return proc.returncode, proc.stdout, time.monotonic() - started
+
+
+def run_info(env_changes, drop=(), timeout=120):
+    code, stdout, seconds = run_cli(["info"], env_changes, drop, timeout)
+    assert code == 0, stdout
+    return stdout, seconds
 
 
 def info_row(stdout, backend):
@@ -175,17 +183,24 @@ def info_row(stdout, backend):
     return rows[0]
 
 
-def test_info_shows_cause_and_log_path(fault, tmp_path):
-    _, words = fault  # applied to os.environ, which the subprocess inherits
-    stdout, seconds = run_info({})
+def failed_build_line(env_changes, drop=()):
+    """`build cpu`'s line for a build that fails: (the line, its log path, seconds)."""
+    code, stdout, seconds = run_cli(["build", "cpu"], env_changes, drop)
+    lines = [line for line in stdout.splitlines() if line.startswith("cpu: ")]
+    assert code == 1 and len(lines) == 1 and "FAILED" in lines[0], stdout
+    return lines[0], lines[0].rsplit("(log: ", 1)[1].rstrip(")").strip(), seconds
+
+
+def test_build_command_shows_cause_and_log_path(fault, tmp_path):
+    _, words = fault  # applied to os.environ, which the subprocesses inherit
+    line, log, seconds = failed_build_line({})
     assert seconds < 60  # the interpreter and torch start within it; the fault costs nothing
-    row = info_row(stdout, "cpu")
-    assert "unavailable" in row
     for word in words:
-        assert word in row
-    log = row.rsplit("log: ", 1)[1].strip()
+        assert word in line
     with open(log) as f:
         assert words[0] in f.read()
+    stdout, _ = run_info({})
+    assert "unavailable" in info_row(stdout, "cpu")
     assert "backend='auto' uses: cpu -> reference" in stdout
 
 
@@ -303,12 +318,12 @@ def test_temp_fallback_planted_by_someone_else_is_not_used(monkeypatch, read_onl
 def test_info_with_a_read_only_home_shows_the_fallback_and_the_log(read_only_home, tmp_path):
     temp = tmp_path / "tmp"
     temp.mkdir()
-    stdout, _ = run_info({"HOME": read_only_home, "TMPDIR": str(temp),
-                          "CXX": str(tmp_path / "missing-g++")},
-                         drop=(_build.CACHE_ENV, "XDG_CACHE_HOME"))
+    env = {"HOME": read_only_home, "TMPDIR": str(temp), "CXX": str(tmp_path / "missing-g++")}
+    drop = (_build.CACHE_ENV, "XDG_CACHE_HOME")
+    stdout, _ = run_info(env, drop=drop)
     fallback = str(temp / f"gerne_kernels-{os.getuid()}")
     assert f"build cache: {fallback}" in stdout and "not writable" in stdout
-    log = info_row(stdout, "cpu").rsplit("log: ", 1)[1].strip()
+    _, log, _ = failed_build_line(env, drop=drop)
     assert log.startswith(fallback) and os.path.isfile(log)
 
 
