@@ -52,6 +52,8 @@ from typing import List, Optional
 import torch
 
 from . import datasets, models
+from .bounds import beta_bounds
+from .sampler import group_counts
 from .strategies import (Batch, DatasetSource, GERNEStrategy, GERNEUnknown, LoopSettings,
                          OptimizerSettings, TrainSetup, evaluate, train)
 
@@ -265,12 +267,22 @@ def model_factory(cfg: RunConfig, num_classes: int, args):
     return make
 
 
-def _strategy(cfg: RunConfig, steps_per_epoch: int):
+def _checked_strategy(cfg: RunConfig, steps_per_epoch: int, train_set):
+    """GERNE for the run, its beta checked against Eq. 9 before anything is trained or
+    written (the pseudo-groups' sizes are known before the biased model is)."""
     beta = dict(beta=cfg.beta, beta_frac=cfg.beta_frac)
-    if cfg.attributes == "unknown":
-        return GERNEUnknown(cfg.t, c=cfg.c, biased_steps=cfg.biased_epochs * steps_per_epoch,
-                            **beta)
-    return GERNEStrategy(cfg.c, **beta)
+    try:
+        if cfg.attributes == "unknown":
+            strategy = GERNEUnknown(cfg.t, c=cfg.c,
+                                    biased_steps=cfg.biased_epochs * steps_per_epoch, **beta)
+            counts = strategy.pseudo_group_counts(train_set.labels)
+        else:
+            strategy = GERNEStrategy(cfg.c, **beta)
+            counts = group_counts(train_set.labels, train_set.attributes)
+        strategy.resolve_beta(beta_bounds(counts=counts, c=cfg.c))
+    except ValueError as exc:
+        raise SystemExit(f"train: --beta/--beta-frac/--c/--t: {exc}") from None
+    return strategy
 
 
 def _write_json(path: str, payload: dict) -> None:
@@ -303,6 +315,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                for d in (train_set, val_set, test_set)]
     steps_per_epoch = args.steps_per_epoch or math.ceil(len(train_set) / (num_classes *
                                                                           cfg.batch_size))
+    strategy = _checked_strategy(cfg, steps_per_epoch, train_set)
     out = args.out or os.path.join("train_out", cfg.dataset)
     os.makedirs(out, exist_ok=True)
     amp_dtype = torch.bfloat16 if cfg.amp == "bf16" else None
@@ -317,7 +330,6 @@ def main(argv: Optional[List[str]] = None) -> int:
                                          args.backend),
                        cfg.batch_size, torch.device(cfg.device), seed=cfg.seed,
                        amp_dtype=amp_dtype, progress=bar.update if bar else (lambda n: None))
-    strategy = _strategy(cfg, steps_per_epoch)
 
     def report(metrics):
         epoch = metrics["step"] // steps_per_epoch
@@ -336,7 +348,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                     checkpoint=args.checkpoint or os.path.join(out, "checkpoint.pt"),
                                     stop_after=args.stop_after),
                        on_eval=report)
-    except ValueError as exc:  # beta outside the bounds, a checkpoint of another run
+    except ValueError as exc:  # a checkpoint of another run
         raise SystemExit(f"train: {exc}") from None
     finally:
         if bar is not None:

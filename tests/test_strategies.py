@@ -5,7 +5,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 import gerne_kernels.strategies as S
@@ -267,6 +266,17 @@ def test_resampling_draws_group_balanced_batches_only():
         share = torch.bincount(a[idx][y[idx] == k], minlength=3).double() / (30 * 40)
         expected = present.double() / present.sum()  # 1 / A_y on each group present
         assert torch.allclose(share, expected, atol=0.05)
+
+
+def test_pseudo_group_sizes_are_known_before_the_biased_model():
+    y = torch.tensor([0] * 10 + [1] * 7 + [2] * 3)
+    s = S.GERNEUnknown(t=0.25)
+    # floor(0.25 * 10) = 2, floor(0.25 * 7) = 1, floor(0.25 * 3) = 0
+    assert s.pseudo_group_counts(y).tolist() == [[8, 2], [6, 1], [3, 0]]
+    scores = torch.randn(20, 3)
+    real = pseudo_attributes(scores, y, 0.25)
+    for k in range(3):
+        assert int(real[y == k].sum()) == s.pseudo_group_counts(y)[k, 1]
 
 
 def test_gerne_unknown_uses_pseudo_groups_of_the_biased_model():

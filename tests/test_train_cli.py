@@ -170,6 +170,9 @@ def test_bad_settings_are_refused(tmp_path):
     base = ["train", "--dataset", "waterbirds", "--root", root, "--out", str(tmp_path / "o")]
     with pytest.raises(SystemExit, match="outside"):
         cli(base + ["--beta", "40", "--epochs", "1", *TINY])
+    with pytest.raises(SystemExit, match=r"outside \[.*A=2"):  # the pseudo-groups' bounds
+        cli(base + ["--beta", "40", "--attributes", "unknown", "--t", "0.25", *TINY])
+    assert not (tmp_path / "o").exists()  # refused before anything was written
     with pytest.raises(SystemExit, match="does not fit"):
         cli(base + ["--model", "bert"])
     with pytest.raises(SystemExit, match="--c must be"):

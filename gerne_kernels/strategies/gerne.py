@@ -69,15 +69,23 @@ class GERNEStrategy(Strategy):
     def train_attributes(self, setup: TrainSetup) -> torch.Tensor:
         return setup.train.attributes if self.attributes is None else self.attributes
 
+    def resolve_beta(self, bounds) -> float:
+        """beta for these Eq. 9 bounds (from ``beta_frac`` when given), checked inside them;
+        ValueError naming the bounds and their source otherwise."""
+        beta = self.beta
+        if self.beta_frac is not None:
+            if not math.isfinite(bounds.high):
+                raise ValueError(f"beta_frac needs a finite beta_max ({bounds.source})")
+            beta = self.beta_frac * (bounds.high + 1.0) - 1.0
+        if not bounds.low <= beta <= bounds.high:
+            raise ValueError(f"beta = {beta:.6g} is outside [{bounds.low:.6g}, "
+                             f"{bounds.high:.6g}] ({bounds.source}); pass a beta inside them "
+                             "or beta_frac in [0, 1]")
+        return beta
+
     def prepare(self, setup: TrainSetup) -> None:
         self.bounds = beta_bounds(setup.train.labels, self.train_attributes(setup), self.c)
-        if self.beta_frac is not None:
-            if not math.isfinite(self.bounds.high):
-                raise ValueError(f"beta_frac needs a finite beta_max ({self.bounds.source})")
-            self.beta = self.beta_frac * (self.bounds.high + 1.0) - 1.0
-        if not self.bounds.low <= self.beta <= self.bounds.high:
-            raise ValueError(f"beta = {self.beta:.6g} is outside [{self.bounds.low:.6g}, "
-                             f"{self.bounds.high:.6g}] ({self.bounds.source})")
+        self.beta = self.resolve_beta(self.bounds)
 
     def sampler(self, labels, attributes, batch_size, steps, generator):
         if self.attributes is not None:

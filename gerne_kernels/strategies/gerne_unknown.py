@@ -77,6 +77,13 @@ class GERNEUnknown(GERNEStrategy):
     def hyperparameters(self):
         return {"t": self.t, **super().hyperparameters()}
 
+    def pseudo_group_counts(self, labels) -> torch.Tensor:
+        """The (K x 2) sizes of the pseudo-groups, known before the biased model is:
+        ``|X_y| - floor(t |X_y|)`` and ``floor(t |X_y|)`` (so beta can be checked early)."""
+        sizes = torch.bincount(torch.as_tensor(labels).long())
+        hard = torch.floor(self.t * sizes.double()).long()
+        return torch.stack([sizes - hard, hard], dim=1)
+
     def state_dict(self):
         return {"attributes": self.attributes, "biased_info": self.biased_info}
 
