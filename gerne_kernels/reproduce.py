@@ -51,6 +51,8 @@ import torch
 from .datasets.colored_mnist import colored_mnist
 from .demo import make_mlp
 from .sampler import group_counts
+from .reproduce_report import (PAPER_GBA, RATIOS, percent, format_markdown, format_table,
+                               save_plot)
 from .strategies import (ERM, JTT, GERNEStrategy, GERNEUnknown, GroupDRO, GroupResampling,
                          GroupReweighting, LoopSettings, OptimizerSettings, TensorSource,
                          TrainSetup, biased_model_logits, evaluate, first_stage_error_sets,
@@ -58,16 +60,6 @@ from .strategies import (ERM, JTT, GERNEStrategy, GERNEUnknown, GroupDRO, GroupR
 
 __all__ = ["main", "build_parser", "run_protocol", "format_table", "format_markdown",
            "save_plot", "METHODS", "PAPER_GBA"]
-
-RATIOS = (0.005, 0.01, 0.02, 0.05)
-
-# Table 1 of the paper, Colored MNIST, test GBA in % at 0.5 / 1 / 2 / 5 % minority.
-PAPER_GBA = {
-    "erm": (35.19, 52.09, 65.86, 82.17),
-    "groupdro": (63.12, 68.78, 76.30, 84.20),
-    "gerne_known": (77.79, 84.47, 88.30, 92.16),
-    "gerne_unknown": (77.25, 83.98, 87.41, 90.98),
-}
 
 _WD = ({"weight_decay": 0.01}, {"weight_decay": 0.001}, {"weight_decay": 0.003},
        {"weight_decay": 0.03})
@@ -264,7 +256,7 @@ def run_unit(protocol: Protocol, ratio: float, key: str,
         # reported once, in the table: the empty groups of this ratio's training set
         warnings.filterwarnings("ignore", message="TwoBatchSampler: ")
         result = run_method(protocol, METHODS[key], runs,
-                            lambda s: describe(f"{_percent(ratio)} {s}"))
+                            lambda s: describe(f"{percent(ratio)} {s}"))
     return {"empty_groups": data.empty_groups, "method": result}
 
 
@@ -371,124 +363,6 @@ def run_protocol(protocol: Protocol, bar=None, jobs: int = 1, threads: int = 1) 
             "seconds_per_method": {key: sum(r["methods"][key]["seconds"]
                                             for r in ratios.values())
                                    for key in protocol.methods}}
-
-
-def _cell(s: dict) -> str:
-    return f"{100 * s['mean']:5.2f} ± {100 * s['std']:4.2f}"
-
-
-def _paper(key: str, ratio: float) -> Optional[float]:
-    if key in PAPER_GBA and ratio in RATIOS:
-        return PAPER_GBA[key][RATIOS.index(ratio)]
-    return None
-
-
-def _rows(result: dict):
-    """(label, [(ratio, gba cell, wga cell, paper)]) per method, in the protocol's order."""
-    ratios = list(result["ratios"].values())
-    for key in result["protocol"]["methods"]:
-        label = ratios[0]["methods"][key]["label"]
-        cells = []
-        for r in ratios:
-            m = r["methods"][key]
-            cells.append((r["ratio"], _cell(m["test_gba"]), _cell(m["test_wga"]),
-                          _paper(key, r["ratio"])))
-        yield key, label, cells
-
-
-def format_table(result: dict) -> str:
-    """Text tables: test GBA (paper's beside) and WGA per method and ratio; the choices."""
-    p = result["protocol"]
-    ratios = list(result["ratios"].values())
-    width = max(len(m["label"]) for m in ratios[0]["methods"].values()) + 2
-    head = "".join(f"{_percent(r['ratio']):>24}" for r in ratios)
-    lines = [f"Colored MNIST (offline digits), Table 1 protocol: test accuracy in %, mean ± std "
-             f"over {p['seeds']} seed(s); {p['steps']} steps, batch {p['batch_size']}/class, "
-             f"hyperparameters chosen on validation GBA",
-             "", "GBA (paper's Table 1 in brackets)", f"{'method':<{width}}{head}"]
-    for key, label, cells in _rows(result):
-        lines.append(f"{label:<{width}}" + "".join(
-            f"{gba:>15} {f'({paper:.2f})' if paper is not None else '':>8}"
-            for _, gba, _, paper in cells))
-    lines += ["", "WGA (not reported in the paper for Colored MNIST)", f"{'method':<{width}}{head}"]
-    for key, label, cells in _rows(result):
-        lines.append(f"{label:<{width}}" + "".join(f"{wga:>24}" for _, _, wga, _ in cells))
-    lines += ["", "Selection (validation GBA of each grid point, seed 0; * kept):"]
-    for r in ratios:
-        lines.append(f"  {100 * r['ratio']:g}% ({r['empty_groups']} empty training groups)")
-        for m in r["methods"].values():
-            points = ", ".join(f"{'*' if g['config'] == m['chosen'] else ''}"
-                               f"{_config_text(g['config'])}: {100 * g['val_gba']:.1f}"
-                               for g in m["grid"])
-            lines.append(f"    {m['label']:<{width}}{points}  -> {_config_text(m['chosen'])}"
-                         f" ({m['chosen_described']})")
-    lines += ["", "Time per method (summed over its units): " + ", ".join(
-        f"{key} {sec:.0f} s" for key, sec in result["seconds_per_method"].items()),
-        f"Total: {result['seconds']:.0f} s wall ({result.get('cpu_seconds', 0):.0f} s CPU; "
-        f"load average {'/'.join(f'{v:.1f}' for v in result.get('load_average', []))} at "
-        f"start/end), {result.get('jobs', 1)} process(es) of {result['threads']} thread(s), torch "
-        f"{result['torch']}, GERNE backends available: {', '.join(result['backends_available'])}"]
-    return "\n".join(lines)
-
-
-def _percent(ratio: float) -> str:
-    return f"{100 * ratio:g}%"
-
-
-def _config_text(cfg: dict) -> str:
-    return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in cfg.items())
-
-
-def format_markdown(result: dict) -> str:
-    """The GBA / WGA table as Markdown (README's results section)."""
-    ratios = list(result["ratios"].values())
-    lines = ["| method | " + " | ".join(f"GBA {_percent(r['ratio'])}" for r in ratios) + " | "
-             + " | ".join(f"WGA {_percent(r['ratio'])}" for r in ratios) + " |",
-             "| --- |" + " --- |" * (2 * len(ratios))]
-    for key, label, cells in _rows(result):
-        gba = [f"{c[1].strip()}" + (f" ({c[3]:.2f})" if c[3] is not None else "") for c in cells]
-        wga = [c[2].strip() for c in cells]
-        lines.append(f"| {label} | " + " | ".join(gba + wga) + " |")
-    return "\n".join(lines)
-
-
-def save_plot(result: dict, path: str) -> None:
-    """GBA and WGA against the minority ratio, one line per method; the paper's GERNE
-    (Table 1, GBA) dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ratios = list(result["ratios"].values())
-    x = [100 * r["ratio"] for r in ratios]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, metric in zip(axes, ("test_gba", "test_wga")):
-        for key in result["protocol"]["methods"]:
-            mean = [100 * r["methods"][key][metric]["mean"] for r in ratios]
-            std = [100 * r["methods"][key][metric]["std"] for r in ratios]
-            ax.errorbar(x, mean, yerr=std, marker="o", capsize=3,
-                        label=ratios[0]["methods"][key]["label"])
-        if metric == "test_gba":
-            for key, style in (("gerne_known", "k--x"), ("gerne_unknown", "k:+")):
-                ref = [(r, _paper(key, r / 100)) for r in x if _paper(key, r / 100) is not None]
-                if ref and key in result["protocol"]["methods"]:
-                    ax.plot([r for r, _ in ref], [v for _, v in ref], style,
-                            label=f"paper: {METHODS[key].label}")
-        ax.set_xscale("log")
-        ax.minorticks_off()
-        ax.set_xticks(x)
-        ax.set_xticklabels([f"{v:g}" for v in x])
-        ax.set_xlabel("minority ratio (%)")
-        ax.set_ylabel(f"test {metric[5:].upper()} (%)")
-        ax.set_ylim(0, 100)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    axes[0].set_title("GBA (dashed: the paper's GERNE, Table 1)")
-    axes[1].set_title("WGA")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def build_parser() -> argparse.ArgumentParser:
