@@ -155,7 +155,9 @@ void multi_tensor_apply(const std::vector<Streams<scalar_t, N>>& streams,
   for_each_item(make_work_list(numels), numels, [&](int64_t, const Chunk* first,
                                                     const Chunk* end) {
     for (const Chunk* c = first; c != end; ++c) {
-      const auto& op = op_for(c->tensor);
+      // A local copy: the stores through the streams' pointers cannot alias it, so the compiler
+      // keeps the hyperparameters in registers across them.
+      const auto op = op_for(c->tensor);
       apply_elementwise(streams[c->tensor], c->begin, c->end, op);
     }
   });

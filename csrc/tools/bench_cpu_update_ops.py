@@ -1,12 +1,16 @@
 """CPU throughput of the update ops: this tree against an older build, in alternating processes.
 
     python3 csrc/tools/bench_cpu_update_ops.py /tmp/gerne-old [--rounds 5] [--repeats 15]
+        [--threads N] [--clock wall|cpu]
 
 Each round runs one process per build (old, then new, alternating, so that a busy spell on a
 shared machine hits both); a process times each op on 2^24 float32 parameters in 50 tensors
 (median of --repeats calls after a warm-up): sgd_step_ (momentum 0.9, weight decay), adam_step_
 (AdamW), extrapolate_, and, new only, lion_step_ and scan_ (without and with sums). Printed: the
-median over rounds of each build's medians, in ms, and new / old.
+median over rounds of each build's medians, in ms, and new / old; in brackets the fastest call
+of each build and their ratio (the least disturbed measure on a busy machine). On a machine shared with
+others, wall time includes the waits for a core; --clock cpu times the CPU time the process got
+instead (time.process_time, all its threads), which such waits do not inflate.
 """
 
 import argparse
@@ -28,8 +32,11 @@ def sizes():
     return [base + (1 if i < extra else 0) for i in range(TENSORS)]
 
 
-def child(tree, old, repeats):
+def child(tree, old, repeats, threads, clock):
     sys.path.insert(0, tree)
+    if threads:
+        torch.set_num_threads(threads)
+    now = time.process_time if clock == "cpu" else time.perf_counter
     from gerne_kernels import _build, _ops  # noqa: F401  (defines the schemas)
     assert _build.build("cpu").ok
     ops = torch.ops.gerne_kernels
@@ -64,10 +71,10 @@ def child(tree, old, repeats):
             call()
         samples = []
         for _ in range(repeats):
-            start = time.perf_counter()
+            start = now()
             call()
-            samples.append(time.perf_counter() - start)
-        times[name] = statistics.median(samples) * 1e3
+            samples.append(now() - start)
+        times[name] = (statistics.median(samples) * 1e3, min(samples) * 1e3)
     print("RESULT " + json.dumps(times))
 
 
@@ -76,6 +83,8 @@ def main():
     parser.add_argument("old_tree")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     args = parser.parse_args()
     results = {"old": [], "new": []}
     for _ in range(args.rounds):
@@ -85,22 +94,30 @@ def main():
             if cache:
                 env["GERNE_KERNELS_CACHE"] = cache
             out = subprocess.run([sys.executable, __file__, "--child", tree, label,
-                                  str(args.repeats)], env=env, cwd=tree, capture_output=True,
+                                  str(args.repeats), str(args.threads), args.clock], env=env, cwd=tree, capture_output=True,
                                  text=True, check=True).stdout
             results[label].append(json.loads(out.split("RESULT ", 1)[1]))
-    print(f"2^24 float32 parameters in {TENSORS} tensors, {torch.get_num_threads()} threads, "
+    print(f"2^24 float32 parameters in {TENSORS} tensors, "
+          f"{args.threads or torch.get_num_threads()} threads, {args.clock} clock, "
           f"median of {args.rounds} rounds x {args.repeats} calls (ms)")
+    print("  (median over rounds of each round's median; in brackets the fastest call of all)")
     for name in results["new"][0]:
-        new = statistics.median(r[name] for r in results["new"])
+        new = statistics.median(r[name][0] for r in results["new"])
+        new_min = min(r[name][1] for r in results["new"])
         if name in results["old"][0]:
-            old = statistics.median(r[name] for r in results["old"])
-            print(f"  {name:14s} old {old:7.2f}   new {new:7.2f}   new/old {new / old:5.2f}")
+            old = statistics.median(r[name][0] for r in results["old"])
+            old_min = min(r[name][1] for r in results["old"])
+            ratios = [n[name][0] / o[name][0] for n, o in zip(results["new"], results["old"])]
+            print(f"  {name:14s} old {old:7.2f} [{old_min:6.2f}]   new {new:7.2f} [{new_min:6.2f}]"
+                  f"   new/old {new / old:5.2f} [{new_min / old_min:4.2f}]   per round: "
+                  f"{' '.join(f'{r:.2f}' for r in ratios)}")
         else:
-            print(f"  {name:14s}               new {new:7.2f}")
+            print(f"  {name:14s}                        new {new:7.2f} [{new_min:6.2f}]")
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "--child":
-        child(sys.argv[2], sys.argv[3] == "old", int(sys.argv[4]))
+        child(sys.argv[2], sys.argv[3] == "old", int(sys.argv[4]), int(sys.argv[5]),
+              sys.argv[6])
     else:
         main()
