@@ -45,9 +45,14 @@ def test_waterbirds_trains_selects_by_val_wga_and_reports_every_group(tmp_path):
     assert os.path.exists(out / "checkpoint.pt")
 
 
-def test_resumed_run_gives_the_uninterrupted_result(tmp_path):
+@pytest.mark.parametrize("attributes", [
+    [], ["--attributes", "unknown", "--t", "0.25", "--biased-epochs", "1", "--beta-frac", "0.5"]])
+def test_resumed_run_gives_the_uninterrupted_result(tmp_path, attributes):
+    """Stopped after epochs 1 and 2, resumed each time (with unknown attributes from a
+    checkpoint that holds the pseudo-groups)."""
     root = fx.waterbirds_folder(str(tmp_path / "wb"))
-    args = ["--dataset", "waterbirds", "--root", root, "--epochs", "3", "--select", "gba", *TINY]
+    args = ["--dataset", "waterbirds", "--root", root, "--epochs", "3", "--select", "gba",
+            *attributes, *TINY]
     run(*args, "--out", str(tmp_path / "whole"))
     pieces = tmp_path / "pieces"
     run(*args, "--out", str(pieces), "--stop-after", "1")
