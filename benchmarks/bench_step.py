@@ -43,10 +43,10 @@ from gerne_kernels import _backends, _build, _reference
 ALL_OPTIMIZERS = ("sgd", "adamw", "lion")
 
 
-def fused_op_step(problem, optimizer, ops):
+def fused_op_step(problem, optimizer, ops, device="cpu"):
     """The op alone, on state of the second step (ops: an Implementation or _reference)."""
     params = [p.detach() for p in problem.params]
-    found_inf = torch.zeros(())
+    found_inf = torch.zeros((), device=device)
     scales = dict(scale_b=-h.BETA, scale_lb=1.0 + h.BETA)
     op = ops.op(h.OPTIMIZERS[optimizer].op) if hasattr(ops, "op") else getattr(
         ops, h.OPTIMIZERS[optimizer].op)
@@ -59,7 +59,7 @@ def fused_op_step(problem, optimizer, ops):
     if optimizer == "adamw":
         exp_avgs = [torch.randn_like(p) for p in params]
         exp_avg_sqs = [torch.rand_like(p) for p in params]
-        steps = [torch.tensor(1.0) for _ in params]
+        steps = [torch.tensor(1.0, device=device) for _ in params]
         return lambda: op(params, problem.grads_b, problem.grads_lb, exp_avgs, exp_avg_sqs, [],
                           steps, found_inf, lr=h.LR, beta1=0.9, beta2=0.999, eps=1e-8,
                           weight_decay=h.WEIGHT_DECAY, amsgrad=False, maximize=False,
