@@ -73,7 +73,7 @@ def assert_same_written(actual, expected, what):
 def test_a_call_never_syncs_with_the_host(backend, op_name, place):
     """Two calls (the first compiles and fills caches; the second runs under the sync check)
     give the bits of two calls with float scalars."""
-    problem = harness.build(op_name, backend, shapes=[(3000,)] * 20, steps=2)
+    problem = harness.build(op_name, backend, shapes=[(3000,)] * 20, steps=2, mid_training=True)
     floats = problem.copy()
     for step in range(2):
         floats.use_step(step).call(backend.op(op_name), step)
@@ -139,7 +139,9 @@ def test_a_captured_step_replays_like_eager_steps(backend, op_name):
     included); then a replay with found_inf set on entry, and one with a NaN gradient, change
     none of the update's tensors, and the NaN sets found_inf."""
     steps = 4
-    problem = harness.build(op_name, backend, shapes=CAPTURE_SHAPES, steps=steps)
+    # Mid-training (no first SGD step): the captured call is the variant the warm-up launched.
+    problem = harness.build(op_name, backend, shapes=CAPTURE_SHAPES, steps=steps,
+                            mid_training=True)
     scan, update = backend.op("scan_"), backend.op(op_name)
     eager, graphed = problem.copy(), problem.copy()
     eager_sums, graphed_sums = (torch.zeros(4, dtype=torch.float64, device=backend.device)
@@ -213,6 +215,7 @@ def test_a_captured_step_follows_device_lr_and_beta(backend, op_name):
     for lr_factor, beta in schedule:
         values = move_to(lr_factor, beta)
         before = problem.copy()
+        before.scalars.update(values)
         expected = harness.oracle_problem(backend, problem)
         graph.replay()
         expected.call(harness.reference_op(op_name), **values)
@@ -273,7 +276,7 @@ def test_a_captured_gerne_step_replays_like_eager_steps(backend, kind, hyper):
     shapes = [(64, 33), (33,), (1000, 7), (5,)]
     start = [torch.randn(s, generator=gen, device=device) for s in shapes]
     grads = [([torch.randn(s, generator=gen, device=device) for s in shapes],
-              [torch.randn(s, generator=gen, device=device) for s in shapes]) for _ in range(5)]
+              [torch.randn(s, generator=gen, device=device) for s in shapes]) for _ in range(6)]
 
     def make():
         params = [torch.nn.Parameter(t.clone()) for t in start]
@@ -292,9 +295,12 @@ def test_a_captured_gerne_step_replays_like_eager_steps(backend, kind, hyper):
     graph_params, graph_opt = make()
     static_b = [torch.zeros_like(t) for t in start]
     static_lb = [torch.zeros_like(t) for t in start]
-    # The first step creates the state (and may read the device once).
-    warm_up_on_a_side_stream(lambda: gerne_step(graph_params, graph_opt, *grads[0]))
-    gerne_step(eager_params, eager_opt, *grads[0])
+    # Two warm-up steps: the first creates the state (and may read the device once), the
+    # second launches the kernels that the captured step launches (SGD's first step differs).
+    warm_up = grads[:2]
+    warm_up_on_a_side_stream(lambda: [gerne_step(graph_params, graph_opt, *g) for g in warm_up])
+    for g_b, g_lb in warm_up:
+        gerne_step(eager_params, eager_opt, g_b, g_lb)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for p, g in zip(graph_params, static_b):
@@ -303,7 +309,7 @@ def test_a_captured_gerne_step_replays_like_eager_steps(backend, kind, hyper):
         for p, g in zip(graph_params, static_lb):
             p.grad = g
         graph_opt.step()
-    for g_b, g_lb in grads[1:]:
+    for g_b, g_lb in grads[len(warm_up):]:
         for static, new in zip(static_b + static_lb, g_b + g_lb):
             static.copy_(new)
         graph.replay()
