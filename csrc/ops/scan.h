@@ -54,10 +54,10 @@ struct ScanWithSums : ScanStreams {
   }
 };
 
-// found_inf alone.
+// found_inf alone: one probe sum per gradient (two independent dependency chains).
 struct ScanForNonfinite : ScanStreams {
   enum Value { kValues = kStreams };
-  static constexpr int kSums = 1;
+  static constexpr int kSums = 2;
   using Sum = float;
 
   float* found_inf;
@@ -67,11 +67,11 @@ struct ScanForNonfinite : ScanStreams {
   GERNE_HD void operator()(T (&)[kValues]) const {}
   template <typename S>
   GERNE_HD void accumulate(S (&total)[kSums], const S (&v)[kValues]) const {
-    nonfinite_accumulate(total[0], v[kGradB]);
-    nonfinite_accumulate(total[0], v[kGradLb]);
+    nonfinite_accumulate(total[kGradB], v[kGradB]);
+    nonfinite_accumulate(total[kGradLb], v[kGradLb]);
   }
   GERNE_HD void finish(const float (&total)[kSums]) const {
-    if (total[0] != 0.0f) *found_inf = 1.0f;
+    if (total[kGradB] + total[kGradLb] != 0.0f) *found_inf = 1.0f;
   }
 };
 
