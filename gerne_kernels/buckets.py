@@ -13,6 +13,10 @@ operand must be contiguous. Every layout torch.optim accepts is taken:
 * anything else (a view with gaps, such as ``torch.randn(10, 5, 2)[..., 0]``, or a gradient in
   another layout than its parameter) is copied into a temporary laid out like the parameter's
   operand, and what the op writes is copied back after it: correct, at the cost of the copies.
+
+A complex parameter is its real and imaginary parts (``torch.view_as_real``), as torch.optim
+treats it: its gradients and state likewise, each part updated as a real number. A DTensor is
+its local shard.
 """
 
 import dataclasses
@@ -21,6 +25,12 @@ from collections import defaultdict
 import torch
 
 from .sharding import local
+
+
+def elements(t):
+    """What the ops see of a tensor: its local shard, complex numbers as real pairs."""
+    t = local(t)
+    return torch.view_as_real(t) if t.is_complex() else t
 
 
 def is_dense(t):
@@ -86,8 +96,8 @@ class Bucket:
     def operand(self, i, tensor, written):
         """tensor (a gradient or state of parameter i) as an operand aligned with p[i]; a
         temporary that is ``written`` is copied back by write_back(). A DTensor stands for its
-        local shard."""
-        tensor = local(tensor)
+        local shard, a complex tensor for its real pairs."""
+        tensor = elements(tensor)
         if self.layouts[i] == PERMUTED:
             param = self.local_params[i]
             if is_dense(tensor) and same_strides(tensor, param):
@@ -111,7 +121,7 @@ class Bucket:
     def add(self, param, grad_b, grad_lb):
         """Appends a parameter whose gradients are grad_b and grad_lb (grad_lb None: zeros;
         grad_b None: grad_lb itself, for a step without a stash, whose scale_b is 0)."""
-        shard = local(param)
+        shard = elements(param)
         layout = layout_of(shard)
         self.params.append(param)
         self.local_params.append(shard)
@@ -163,13 +173,10 @@ def gather(group, state, has_stash):
         for name, g in (("g_b", g_b), ("g_lb", g_lb)):
             if g is not None:
                 _check_gradient(name, p, g)
-        if torch.is_complex(p):
-            raise TypeError(f"a parameter of shape {tuple(p.shape)} is complex ({p.dtype}); "
-                            "GERNE does not support complex parameters: store them as real "
-                            "pairs with torch.view_as_real")
-        key = (p.device, p.dtype)
+        dtype = p.dtype.to_real() if p.is_complex() else p.dtype
+        key = (p.device, dtype)
         if key not in buckets:
-            buckets[key] = Bucket(group, p.device, p.dtype)
+            buckets[key] = Bucket(group, p.device, dtype)
         if g_b is None and has_stash:
             g_b = torch.zeros_like(local(p), memory_format=torch.preserve_format)
         buckets[key].add(p, g_b, g_lb)

@@ -102,14 +102,28 @@ def test_sparse_gradients_are_refused():
         opt.stash_biased()
 
 
-def test_complex_parameters_are_refused():
-    p = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))
-    opt = gk.GERNE([p], lr=0.1)
-    p.abs().sum().backward()
-    opt.stash_biased()
-    p.abs().sum().backward()
-    with pytest.raises(TypeError, match="view_as_real"):
+@pytest.mark.parametrize("kind,torch_cls,hyper", [
+    ("sgd", torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=0.01)),
+    ("adam", torch.optim.Adam, dict(lr=1e-2, amsgrad=True)),
+    ("adamw", torch.optim.AdamW, dict(lr=1e-2)),
+])
+def test_complex_parameters_step_as_torch_optim_does(backend, kind, torch_cls, hyper):
+    """torch.optim updates a complex parameter as its real pairs (view_as_real); so does GERNE,
+    here with g_b == g_lb at beta = 1.5 (g is then the gradient itself)."""
+    p = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.complex64))
+    q = torch.nn.Parameter(p.detach().clone())
+    opt = gk.GERNE([p], optimizer=kind, beta=1.5, backend=backend, **hyper)
+    ref = torch_cls([q], **hyper)
+    for _ in range(3):
+        g = torch.randn(4, 3, dtype=torch.complex64)
+        p.grad = g.clone()
+        opt.stash_biased()
+        p.grad = g.clone()
         opt.step()
+        q.grad = g.clone()
+        ref.step()
+    torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert opt.state[p]["momentum_buffer" if kind == "sgd" else "exp_avg"].is_complex()
 
 
 def test_parameter_list_changed_between_stash_and_step():
