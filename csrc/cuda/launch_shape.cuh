@@ -15,7 +15,7 @@
 //   lion_step_ (4)                 71       78       79      3          768        48 KB
 //   extrapolate_ (2)               46       56       52     5, 4, 4   1280, 1024  40, 32 KB
 //   scan_ with sums (2)            59       59       61      4         1024        32 KB
-//   scan_ without sums (2)         40       43       39     6, 5, 6   1536, 1280  48, 40 KB
+//   scan_ without sums (2)         44       46       41      5         1280        40 KB
 //
 // The bounds: an op of 5 or more streams may use up to 128 registers (2 blocks), one of 4 up to
 // 80 (3 blocks), fewer up to 64 (4 blocks); fewer registers give more blocks. Capping Adam at 80
