@@ -11,6 +11,9 @@ import gerne_kernels.strategies as S
 from gerne_kernels.pseudo_groups import pseudo_attributes
 from gerne_kernels.sampler import WeightedClassSampler
 
+# the toy data leaves a group empty by chance; the sampler's warning is tested in test_sampler
+pytestmark = pytest.mark.filterwarnings("ignore:TwoBatchSampler:UserWarning")
+
 
 def toy_data(seed=0, n_per_class=60, k=3, n_a=3, minority=0.1, features=5):
     """Gaussian features; the attribute equals the class except for a minority share."""
