@@ -166,7 +166,9 @@ class SizeProfile:
     large, small: the numel of one large tensor, and of the many small ones beside it.
     many: numels of more tensors than one CUDA launch's table holds (None: not run here).
     thorough: every dtype x hyperparameters x beta combination, else the quick subset.
-    steps: steps per op-vs-oracle test (the state of one step feeds the next).
+    steps: steps per op-vs-oracle test: the state of one step feeds the next (two suffice:
+        the oracle restarts from the op's state at every step, so a third runs the second's
+        code again).
     """
     shapes: tuple
     block: int
@@ -174,7 +176,7 @@ class SizeProfile:
     small: tuple
     many: Optional[tuple]
     thorough: bool
-    steps: int = 3
+    steps: int = 2
 
     @property
     def spanning_blocks(self):
@@ -190,11 +192,11 @@ HOST_SIZES = SizeProfile(
     block=1 << 16, large=(1 << 20) + 3, small=tuple(i % 40 for i in range(300)), many=None,
     thorough=True)
 # Program counts, not bytes, set the interpreter's time (~10 ms a program): five programs of
-# its 1024-element blocks per call (1100 elements span two), two steps.
+# its 1024-element blocks per call (1100 elements span two).
 INTERPRETER_SIZES = SizeProfile(
     shapes=((5,), (0,), (1,), (1100,), (3, 11)),
     block=1024, large=2 * 1024 + 5, small=tuple(i % 5 for i in range(12)), many=None,
-    thorough=False, steps=2)
+    thorough=False)
 # Empty, tiny, not a multiple of the 4- or 8-element vectors, exactly one 64 Ki chunk, one
 # element past it, several chunks with a ragged end; the tables of one CUDA launch hold ~460
 # (Adam) to ~1460 (the scan) tensors: 1600 exceed each.
