@@ -37,6 +37,8 @@ class Call : public CallArgs<Op> {
 
   // inputs: one per tensor where the op has a TensorInput (the caller checked them).
   void run(const Op& op, const std::vector<TensorInput>& inputs = {}) {
+    static_assert(Op::kValues == Op::kStreams,
+                  "the CPU update pass has no scratch values (reductions do)");
     this->check();
     if (this->tensors() == 0) return;
     if (Op::kSkipsOnFoundInf && *this->found_inf().template const_data_ptr<float>() != 0.0f) {
@@ -78,8 +80,8 @@ class Call : public CallArgs<Op> {
   }
 
   template <typename scalar_t>
-  std::vector<cpu::Streams<scalar_t, Op::kValues>> memory() const {
-    std::vector<cpu::Streams<scalar_t, Op::kValues>> streams(this->tensors());
+  std::vector<cpu::Streams<scalar_t, Op::kStreams>> memory() const {
+    std::vector<cpu::Streams<scalar_t, Op::kStreams>> streams(this->tensors());
     for (int j = 0; j < Op::kStreams; ++j) {
       const Use use = this->use_of(j);
       for (size_t i = 0; use != Use::kUnused && i < this->tensors(); ++i) {

@@ -25,13 +25,15 @@ namespace gerne::cpu {
 template <typename Sum>
 using SumVec = std::conditional_t<std::is_same_v<Sum, double>, DVec, FVec>;
 
-// The op and its running sums over the elements it is applied to (apply_elementwise's functor).
+// The op and its running sums over the elements it is applied to (apply_elementwise's functor,
+// over the op's kStreams streams: its scratch values, kStreams..kValues-1, start at zero here).
 template <typename Op>
 class Accumulator {
  public:
   using Sum = typename Op::Sum;
   static constexpr int kSums = Op::kSums;
   static constexpr int N = Op::kValues;
+  static constexpr int kStreams = Op::kStreams;
 
   explicit Accumulator(const Op& op) : op_(op) {
     for (int s = 0; s < kSums; ++s) {
@@ -40,7 +42,10 @@ class Accumulator {
     }
   }
 
-  void operator()(FVec (&v)[N]) {
+  void operator()(FVec (&in)[kStreams]) {
+    FVec v[N];
+    for (int j = 0; j < kStreams; ++j) v[j] = in[j];
+    for (int j = kStreams; j < N; ++j) v[j] = FVec(0.0f);
     op_(v);
     if constexpr (std::is_same_v<Sum, float>) {
       op_.accumulate(vector_sums_, v);
@@ -52,7 +57,10 @@ class Accumulator {
       }
     }
   }
-  void operator()(float (&v)[N]) {
+  void operator()(float (&in)[kStreams]) {
+    float v[N];
+    for (int j = 0; j < kStreams; ++j) v[j] = in[j];
+    for (int j = kStreams; j < N; ++j) v[j] = 0.0f;
     op_(v);
     Sum wide[N];
     for (int j = 0; j < N; ++j) wide[j] = static_cast<Sum>(v[j]);
@@ -82,7 +90,7 @@ class Accumulator {
 template <typename Op>
 class HalvesAccumulator {
  public:
-  static constexpr int N = Op::kValues;
+  static constexpr int N = Op::kStreams;
 
   explicit HalvesAccumulator(const Op& op) : first_(op), second_(op) {}
 
@@ -117,7 +125,7 @@ Streams<scalar_t, 2 * N> halves_of(const Streams<scalar_t, N>& s, int64_t half) 
 // Elements [begin, end) of one tensor into the accumulators: the two halves (a multiple of kAlign
 // each) side by side, then the elements left over.
 template <typename scalar_t, typename Op>
-void reduce_chunk(const Streams<scalar_t, Op::kValues>& s, int64_t begin, int64_t end,
+void reduce_chunk(const Streams<scalar_t, Op::kStreams>& s, int64_t begin, int64_t end,
                   HalvesAccumulator<Op>& halves) {
   const int64_t half = (end - begin) / 2 / kAlign * kAlign;
   if (half > 0) apply_elementwise(halves_of(s, half), begin, begin + half, halves);
@@ -126,7 +134,7 @@ void reduce_chunk(const Streams<scalar_t, Op::kValues>& s, int64_t begin, int64_
 
 // The sums of op's terms over every element of every tensor, into total (overwritten).
 template <typename scalar_t, typename Op>
-void multi_tensor_reduce(const std::vector<Streams<scalar_t, Op::kValues>>& streams,
+void multi_tensor_reduce(const std::vector<Streams<scalar_t, Op::kStreams>>& streams,
                          const std::vector<int64_t>& numels, const Op& op,
                          typename Op::Sum (&total)[Op::kSums]) {
   using Partial = std::array<typename Op::Sum, Op::kSums>;
