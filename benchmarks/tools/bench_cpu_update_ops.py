@@ -1,6 +1,6 @@
 """CPU throughput of the update ops: this tree against an older build, in alternating processes.
 
-    python3 csrc/tools/bench_cpu_update_ops.py /tmp/gerne-old [--rounds 5] [--repeats 15]
+    python3 benchmarks/tools/bench_cpu_update_ops.py /tmp/gerne-old [--rounds 5] [--repeats 15]
         [--threads N] [--clock wall|cpu]
 
 Each round runs one process per build (old, then new, alternating, so that a busy spell on a

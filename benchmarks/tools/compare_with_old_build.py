@@ -1,7 +1,7 @@
 """The CPU update ops of this tree against those of an older build, bit for bit.
 
     mkdir -p /tmp/gerne-old && git -C . archive 21f56e8 | tar -x -C /tmp/gerne-old
-    python3 csrc/tools/compare_with_old_build.py /tmp/gerne-old
+    python3 benchmarks/tools/compare_with_old_build.py /tmp/gerne-old
 
 Both trees register the same op names, so each runs in a process of its own, on the same inputs
 (saved once by this process): sgd_step_, adam_step_ and extrapolate_ for float32, bfloat16 and

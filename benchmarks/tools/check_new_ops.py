@@ -1,7 +1,7 @@
 """lion_step_ and scan_ of the CPU build against gerne_kernels._reference, and the edge cases of
 every op (found_inf set, empty lists, empty tensors, aliasing, inf/NaN in each position).
 
-    python3 csrc/tools/check_new_ops.py
+    python3 benchmarks/tools/check_new_ops.py
 
 lion_step_: float32 within a few ulps of the reference, bfloat16/float16 within one storage ulp;
 scan_: flags exact, sums within 1e-5 relative; .default and .tensor (float64 scalars) bit for bit

@@ -1,7 +1,7 @@
 """Registers, spills and double-precision FMAs of every CUDA kernel, per architecture.
 
     export CUDA_HOME=/usr/local/cuda TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX"
-    python3 csrc/tools/cuda_resource_report.py [--arch 90] [--arch 80] [--sass-dir DIR]
+    python3 benchmarks/tools/cuda_resource_report.py [--arch 90] [--arch 80] [--sass-dir DIR]
 
 Builds nothing through torch: it takes the flags of this tree's CUDA build (its build.ninja,
 written by gerne_kernels._build.build("cuda", load=False), which it runs first if needed),
