@@ -7,7 +7,6 @@ reference path with one warning when a build fails.
 """
 
 import dataclasses
-import functools
 import importlib
 import os
 import sys
@@ -113,12 +112,18 @@ def available_backends():
     return [name for name in BACKENDS[1:] if status(name)[0]]
 
 
-@functools.lru_cache(maxsize=None)
+_FUSED = {}  # (backend, tensor_scalars) -> Implementation: built once, a dict read after that
+
+
 def _fused(name, tensor_scalars):
-    overload = "tensor" if tensor_scalars else "default"
-    return Implementation(name, {
-        spec.name: _ops.op(spec.triton_name if name == "triton" else spec.name, overload)
-        for spec in _ops.OPS})
+    key = (name, tensor_scalars)
+    impl = _FUSED.get(key)
+    if impl is None:
+        overload = "tensor" if tensor_scalars else "default"
+        impl = _FUSED[key] = Implementation(name, {
+            spec.name: _ops.op(spec.triton_name if name == "triton" else spec.name, overload)
+            for spec in _ops.OPS})
+    return impl
 
 
 def _unavailable_message(name, reason, built):
@@ -194,5 +199,5 @@ def _caller_outside_packages():
 def reset():
     """Forget build results and warnings (tests use this with a throwaway cache)."""
     _status_cache.clear()
-    _fused.cache_clear()
+    _FUSED.clear()
     _warned.clear()
