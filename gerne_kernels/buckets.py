@@ -24,11 +24,13 @@ from collections import defaultdict
 
 import torch
 
-from .sharding import local
+from .sharding import PLAIN_TYPES, local
 
 
 def elements(t):
     """What the ops see of a tensor: its local shard, complex numbers as real pairs."""
+    if type(t) in PLAIN_TYPES and not t.is_complex():
+        return t
     t = local(t)
     return torch.view_as_real(t) if t.is_complex() else t
 
@@ -62,6 +64,14 @@ def flat_view(t):
 
 
 CONTIGUOUS, PERMUTED, SCATTERED = "contiguous", "permuted", "scattered"
+# A contiguous parameter that is a plain real tensor: a plain real contiguous gradient or
+# state tensor of it is its own operand, with no further look (the fast path of a step).
+PLAIN = "plain"
+
+
+def _is_plain(t):
+    """t is a contiguous real tensor of a plain type (not a DTensor, not complex)."""
+    return (type(t) in PLAIN_TYPES and t.is_contiguous() and not t.is_complex())
 
 
 def layout_of(t):
@@ -116,11 +126,23 @@ class Bucket:
     def operands(self, tensors, written, indices=None):
         """operand() for each tensor of the parameters at ``indices`` (default: all)."""
         indices = range(len(self.params)) if indices is None else indices
-        return [self.operand(i, t, written) for i, t in zip(indices, tensors)]
+        layouts = self.layouts
+        return [t if layouts[i] is PLAIN and _is_plain(t) else self.operand(i, t, written)
+                for i, t in zip(indices, tensors)]
 
     def add(self, param, grad_b, grad_lb):
         """Appends a parameter whose gradients are grad_b and grad_lb (grad_lb None: zeros;
         grad_b None: grad_lb itself, for a step without a stash, whose scale_b is 0)."""
+        if (_is_plain(param) and _is_plain(grad_lb)
+                and (grad_b is None or _is_plain(grad_b))):
+            # The common case, kept short: each tensor is its own operand.
+            self.params.append(param)
+            self.local_params.append(param)
+            self.layouts.append(PLAIN)
+            self.p.append(param)
+            self.grads_lb.append(grad_lb)
+            self.grads_b.append(grad_lb if grad_b is None else grad_b)
+            return
         shard = elements(param)
         layout = layout_of(shard)
         self.params.append(param)
@@ -166,20 +188,24 @@ def gather(group, state, has_stash):
     mode, beta = 0) g_b is g_lb itself (its scale is 0: no buffer needed)."""
     buckets = {}
     for p in group["params"]:
-        g_b = state[p].get("grad_b") if p in state else None
+        p_state = state.get(p)
+        g_b = p_state.get("grad_b") if p_state else None
         g_lb = p.grad
         if g_b is None and g_lb is None:
             continue
-        for name, g in (("g_b", g_b), ("g_lb", g_lb)):
-            if g is not None:
-                _check_gradient(name, p, g)
-        dtype = p.dtype.to_real() if p.is_complex() else p.dtype
-        key = (p.device, dtype)
-        if key not in buckets:
-            buckets[key] = Bucket(group, p.device, dtype)
+        if g_b is not None:
+            _check_gradient("g_b", p, g_b)
+        if g_lb is not None:
+            _check_gradient("g_lb", p, g_lb)
+        dtype, device = p.dtype, p.device
+        if dtype.is_complex:
+            dtype = dtype.to_real()
+        bucket = buckets.get((device, dtype))
+        if bucket is None:
+            bucket = buckets[device, dtype] = Bucket(group, device, dtype)
         if g_b is None and has_stash:
             g_b = torch.zeros_like(local(p), memory_format=torch.preserve_format)
-        buckets[key].add(p, g_b, g_lb)
+        bucket.add(p, g_b, g_lb)
     return list(buckets.values())
 
 

@@ -15,6 +15,8 @@ def real(name, value, where, read_tensors=True):
     """value as a float; a TypeError naming the hyperparameter if it is not a real number.
     A one-element tensor gives None unless read_tensors (a host sync for a device tensor, a
     graph break under torch.compile)."""
+    if type(value) is float:  # the common case, answered before the slower checks
+        return value
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
         return float(value) if read_tensors else None
     if isinstance(value, numbers.Real):  # int, float, bool, numpy scalars

@@ -29,8 +29,14 @@ def _dtensor_class():
     return getattr(module, "DTensor", None) if module is not None else None
 
 
+# Plain tensors are the common case: their type answers without looking DTensor up.
+PLAIN_TYPES = frozenset((torch.Tensor, torch.nn.Parameter))
+
+
 def local(t):
     """The local shard of a DTensor (its memory, no copy), else t itself."""
+    if type(t) in PLAIN_TYPES:
+        return t
     dtensor = _dtensor_class()
     if dtensor is not None and isinstance(t, dtensor):
         return t.to_local()

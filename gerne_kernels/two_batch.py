@@ -476,6 +476,12 @@ class TwoBatchOptimizer(Optimizer):
         want_stats = self.track_statistics and stash
         want_sums = want_stats or self.max_grad_norm is not None
         found_per_device, sums_per_device = {}, {}
+        if not (guard or want_sums or scaler_checked):  # nothing to scan, nothing can skip
+            for bucket in buckets:
+                if bucket.device not in found_per_device:
+                    found_per_device[bucket.device] = self._found_inf(bucket.device, False)
+            self._record.statistics = self._record.grad_norm = None
+            return found_per_device
         for bucket, impl in zip(buckets, self._implementations(buckets)):
             device = bucket.device
             if device not in found_per_device:

@@ -48,18 +48,19 @@ class Adam(BaseOptimizer):
     def update(self, call):
         bucket, group = call.bucket, call.bucket.group
         amsgrad = group["amsgrad"]
-        for p in bucket.params:
-            state = call.state[p]
-            if "step" not in state:
+        states = [call.state[p] for p in bucket.params]
+        for p, state in zip(bucket.params, states):
+            step = state.get("step")
+            if step is None:
                 call.new_state(p, step=torch.zeros((), dtype=torch.float32, device=p.device),
                                exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
                                exp_avg_sq=torch.zeros_like(
                                    p, memory_format=torch.preserve_format))
+            elif type(step) is not torch.Tensor:  # set by hand, or an older pickle
+                self.load_state(p, state)
             if amsgrad and "max_exp_avg_sq" not in state:
                 call.new_state(p, max_exp_avg_sq=torch.zeros_like(
                     p, memory_format=torch.preserve_format))
-            self.load_state(p, state)
-        states = [call.state[p] for p in bucket.params]
         beta1, beta2 = group["betas"]
         call.impl.op(self.op)(
             bucket.p, bucket.grads_b, bucket.grads_lb,

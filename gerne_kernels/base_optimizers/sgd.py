@@ -41,10 +41,16 @@ class SGD(BaseOptimizer):
             op(bucket.p, bucket.grads_b, bucket.grads_lb, [], call.found_inf,
                is_first_step=False, **hyper)
             return
+        buffers = [call.state[p].get("momentum_buffer") for p in bucket.params]
+        if all(b is not None for b in buffers):  # every buffer exists: one call on the whole bucket
+            op(bucket.p, bucket.grads_b, bucket.grads_lb,
+               bucket.operands(buffers, written=True), call.found_inf, is_first_step=False,
+               **hyper)
+            return
         # A buffer's first step sets buf = g (nothing to read): one call per kind of tensor.
         old, new = [], []
-        for i, p in enumerate(bucket.params):
-            (new if call.state[p].get("momentum_buffer") is None else old).append(i)
+        for i, buffer in enumerate(buffers):
+            (new if buffer is None else old).append(i)
         for p in (bucket.params[i] for i in new):
             call.new_state(p, momentum_buffer=torch.empty_like(
                 p, memory_format=torch.preserve_format))
