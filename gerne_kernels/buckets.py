@@ -85,15 +85,17 @@ def layout_of(t):
 class Bucket:
     """One param group's tensors of one device and dtype, as op operands.
 
-    ``params`` are the parameters (the keys of the optimizer's state); ``p``, ``grads_b`` and
-    ``grads_lb`` the operands in their place, one per parameter. ``scale_b`` and ``scale_lb``
-    are the factors of g = scale_lb * g_lb + scale_b * g_b (floats, or float64 tensors on the
-    device: ``_scalars.py``).
+    ``params`` are the parameters (the keys of the optimizer's state) and ``states`` their
+    state dicts as the step found them (None: no state yet); ``p``, ``grads_b`` and ``grads_lb``
+    the operands in their place, one per parameter. ``scale_b`` and ``scale_lb`` are the
+    factors of g = scale_lb * g_lb + scale_b * g_b (floats, or float64 tensors on the device:
+    ``_scalars.py``).
     """
     group: dict
     device: torch.device
     dtype: torch.dtype
     params: list = dataclasses.field(default_factory=list)
+    states: list = dataclasses.field(default_factory=list)
     p: list = dataclasses.field(default_factory=list)
     grads_b: list = dataclasses.field(default_factory=list)
     grads_lb: list = dataclasses.field(default_factory=list)
@@ -130,9 +132,11 @@ class Bucket:
         return [t if layouts[i] is PLAIN and _is_plain(t) else self.operand(i, t, written)
                 for i, t in zip(indices, tensors)]
 
-    def add(self, param, grad_b, grad_lb):
-        """Appends a parameter whose gradients are grad_b and grad_lb (grad_lb None: zeros;
-        grad_b None: grad_lb itself, for a step without a stash, whose scale_b is 0)."""
+    def add(self, param, state, grad_b, grad_lb):
+        """Appends a parameter (with its state dict, or None) whose gradients are grad_b and
+        grad_lb (grad_lb None: zeros; grad_b None: grad_lb itself, for a step without a stash,
+        whose scale_b is 0)."""
+        self.states.append(state)
         if (_is_plain(param) and _is_plain(grad_lb)
                 and (grad_b is None or _is_plain(grad_b))):
             # The common case, kept short: each tensor is its own operand.
@@ -205,7 +209,7 @@ def gather(group, state, has_stash):
             bucket = buckets[device, dtype] = Bucket(group, device, dtype)
         if g_b is None and has_stash:
             g_b = torch.zeros_like(local(p), memory_format=torch.preserve_format)
-        bucket.add(p, g_b, g_lb)
+        bucket.add(p, p_state, g_b, g_lb)
     return list(buckets.values())
 
 

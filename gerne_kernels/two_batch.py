@@ -48,6 +48,7 @@ from torch.optim import Optimizer
 
 from . import _amp, _backends, _scalars, buckets as _buckets, hyperparameters as hp, sharding
 from .statistics import statistics_from_sums
+from .step_hooks import with_step_hooks
 
 # clip_grad_norm_'s: coefficient = min(1, max_norm / (norm + eps))
 CLIP_EPS = 1e-6
@@ -63,7 +64,8 @@ class TwoBatchRecord:
     skipped: {device: float32 0-d count of skipped steps}, kept on the device;
     statistics: the last step's GradientStatistics, or None;
     grad_norm: the last step's norm of g before clipping (with max_grad_norm), or None;
-    zero_flags: {device: a float32 0 that no op writes}, the found_inf of unguarded steps.
+    zero_flags: {device: a float32 0 that no op writes}, the found_inf of unguarded steps;
+    checked_groups: per param group, the hyperparameters (_fingerprint) last checked by a step.
     """
     stash_signature: tuple = None
     lean_beta: float = None
@@ -73,6 +75,7 @@ class TwoBatchRecord:
     statistics: object = None
     grad_norm: object = None
     zero_flags: dict = dataclasses.field(default_factory=dict)
+    checked_groups: list = dataclasses.field(default_factory=list)
 
 
 class TwoBatchOptimizer(Optimizer):
@@ -251,13 +254,18 @@ class TwoBatchOptimizer(Optimizer):
         super().zero_grad(set_to_none=set_to_none)
         self._drop_stash()
 
-    def _drop_stash(self):
+    def _drop_stash(self, buckets=None):
         """Forgets what the step was fed: the stash, the lean mode's record, the one-backward
-        marker."""
+        marker. ``buckets``: the step's, which hold every parameter with a stash."""
         self._record.lean_beta = self._record.lean_calls = None
         self._record.one_backward = False
-        for p in self._params():
-            state = self.state.get(p)
+        if buckets is None:
+            pairs = ((p, self.state.get(p)) for p in self._params())
+        else:
+            # (a parameter without state when the step began may have gained some since)
+            pairs = ((p, self.state.get(p) if state is None else state)
+                     for bucket in buckets for p, state in zip(bucket.params, bucket.states))
+        for p, state in pairs:
             if state is not None:
                 state.pop("grad_b", None)
                 if not state:  # no empty entries: a skipped first step leaves no trace
@@ -361,9 +369,19 @@ class TwoBatchOptimizer(Optimizer):
                        if count.device.type != "meta"))
 
     def _validate_before_step(self):
-        for i, group in enumerate(self.param_groups):
-            self._check_group(group, f" (param group {i})", read_tensors=False)
         record = self._record
+        if torch.compiler.is_compiling():  # traced once into guards: no cache to guard on
+            for i, group in enumerate(self.param_groups):
+                self._check_group(group, f" (param group {i})", read_tensors=False)
+        else:
+            checked = record.checked_groups
+            del checked[len(self.param_groups):]
+            for i, group in enumerate(self.param_groups):
+                fingerprint = _fingerprint(group)
+                if i < len(checked) and checked[i] == fingerprint:
+                    continue  # these very values passed the checks at an earlier step
+                self._check_group(group, f" (param group {i})", read_tensors=False)
+                checked[i:i + 1] = [fingerprint]
         if self.has_stash() and record.stash_signature != tuple(id(p) for p in self._params()):
             raise RuntimeError("the parameter list changed between stash_biased() and step() "
                                "(add_param_group?): the stashed gradient no longer matches. "
@@ -395,6 +413,7 @@ class TwoBatchOptimizer(Optimizer):
         update of .grad, as it does for torch.optim, and moves no parameter."""
         return all("lr" in g and float(g["lr"]) == 0 for g in self.param_groups)
 
+    @with_step_hooks
     @torch.no_grad()
     def step(self, closure=None):
         """One GERNE step; returns the closure's loss when a closure is given."""
@@ -407,7 +426,7 @@ class TwoBatchOptimizer(Optimizer):
         buckets = self._buckets()
         found_per_device = self._scan(buckets)
         self._update(buckets, found_per_device)
-        self._finish_step(found_per_device)
+        self._finish_step(found_per_device, buckets)
         return loss
 
     def _prepare_gradients(self):
@@ -539,7 +558,7 @@ class TwoBatchOptimizer(Optimizer):
             bucket.scale_b = _scalars.on_device(bucket.scale_b, bucket.device) * c
             bucket.scale_lb = _scalars.on_device(bucket.scale_lb, bucket.device) * c
 
-    def _finish_step(self, found_per_device):
+    def _finish_step(self, found_per_device, buckets):
         """Counts skipped steps, tells a driving GradScaler, forgets what the step was fed."""
         if self._may_skip():
             for device, found in found_per_device.items():
@@ -548,7 +567,7 @@ class TwoBatchOptimizer(Optimizer):
                     counter = self._record.skipped[device] = torch.zeros((), device=device)
                 counter.add_(found.clamp(max=1))
             _amp.report_found_inf(self, found_per_device)
-        self._drop_stash()
+        self._drop_stash(buckets)
 
     # ----------------------------------------------------------------------------------------
     # Checkpoints
@@ -581,6 +600,14 @@ class TwoBatchOptimizer(Optimizer):
 def check_beta_of(group, where, read_tensors=True):
     """GERNE's own keys of a param group: beta, within its beta_bounds."""
     hp.check_beta(group["beta"], group.get("beta_bounds"), where, read_tensors)
+
+
+def _fingerprint(group):
+    """A param group's hyperparameters as a step checks them: values, except that a tensor
+    stands for itself (a step does not read tensors; they are checked when given)."""
+    return tuple((key, id(value) if isinstance(value, torch.Tensor)
+                  else tuple(value) if isinstance(value, list) else value)  # a copy of a list
+                 for key, value in group.items() if key != "params")
 
 
 def found_any(flags):

@@ -94,6 +94,27 @@ def test_scheduled_beta_out_of_bounds_fails_before_changing_anything():
     assert all(torch.equal(p, q) for p, q in zip(ps, before))
 
 
+@pytest.mark.parametrize("change,words", [
+    (lambda group: group.__setitem__("lr", -0.5), "lr"),
+    (lambda group: group["betas"].__setitem__(1, 1.5), "betas"),   # a list changed in place
+    (lambda group: group.__setitem__("eps", -1e-8), "eps"),
+])
+def test_a_hyperparameter_changed_after_earlier_steps_is_checked_again(change, words):
+    """Each step checks its groups (remembering the values that passed): a value changed
+    after steps have run is refused before anything changes."""
+    ps = params()
+    opt = gk.GERNE(ps, optimizer="adamw", lr=0.1, betas=[0.9, 0.999])
+    for _ in range(2):
+        backward_both(opt, ps)
+        opt.step()
+    change(opt.param_groups[0])
+    backward_both(opt, ps)
+    before = [p.detach().clone() for p in ps]
+    with pytest.raises(ValueError, match=words):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(ps, before))
+
+
 def test_sparse_gradients_are_refused():
     emb = torch.nn.Embedding(10, 3, sparse=True)
     opt = gk.GERNE(emb.parameters(), lr=0.1)

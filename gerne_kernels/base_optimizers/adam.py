@@ -48,7 +48,7 @@ class Adam(BaseOptimizer):
     def update(self, call):
         bucket, group = call.bucket, call.bucket.group
         amsgrad = group["amsgrad"]
-        states = [call.state[p] for p in bucket.params]
+        states = call.states()
         for p, state in zip(bucket.params, states):
             step = state.get("step")
             if step is None:

@@ -56,6 +56,11 @@ class UpdateCall:
             lr = float(lr)
         return dict(lr=lr, scale_b=self.bucket.scale_b, scale_lb=self.bucket.scale_lb)
 
+    def states(self):
+        """The state dict of each of the bucket's parameters (created where there is none)."""
+        return [self.state[p] if s is None else s
+                for p, s in zip(self.bucket.params, self.bucket.states)]
+
     def new_state(self, param, **tensors):
         """Adds state tensors to a parameter's state and records them as created."""
         self.state[param].update(tensors)

@@ -24,13 +24,14 @@ class Lion(BaseOptimizer):
 
     def update(self, call):
         bucket, group = call.bucket, call.bucket.group
-        for p in bucket.params:
-            if "exp_avg" not in call.state[p]:
+        states = call.states()
+        for p, state in zip(bucket.params, states):
+            if "exp_avg" not in state:
                 call.new_state(p, exp_avg=torch.zeros_like(
                     p, memory_format=torch.preserve_format))
         beta1, beta2 = group["betas"]
         call.impl.op(self.op)(
             bucket.p, bucket.grads_b, bucket.grads_lb,
-            bucket.operands([call.state[p]["exp_avg"] for p in bucket.params], written=True),
+            bucket.operands([s["exp_avg"] for s in states], written=True),
             call.found_inf, beta1=float(beta1), beta2=float(beta2),
             weight_decay=group["weight_decay"], maximize=group["maximize"], **call.scalars())

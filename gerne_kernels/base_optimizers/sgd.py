@@ -41,7 +41,7 @@ class SGD(BaseOptimizer):
             op(bucket.p, bucket.grads_b, bucket.grads_lb, [], call.found_inf,
                is_first_step=False, **hyper)
             return
-        buffers = [call.state[p].get("momentum_buffer") for p in bucket.params]
+        buffers = [s.get("momentum_buffer") if s else None for s in bucket.states]
         if all(b is not None for b in buffers):  # every buffer exists: one call on the whole bucket
             op(bucket.p, bucket.grads_b, bucket.grads_lb,
                bucket.operands(buffers, written=True), call.found_inf, is_first_step=False,
