@@ -1,11 +1,13 @@
-"""Stash mode vs memory-lean mode: peak memory and step time; the cost of track_statistics.
+"""Stash, memory-lean and one-backward modes: peak memory and step time; the cost of
+track_statistics.
 
     python benchmarks/bench_modes.py                       # CPU, 4 x Linear(2048, 2048)
     python benchmarks/bench_modes.py --device cuda --width 4096 --depth 8
 
 A training step is: forward + backward of the biased batch, stash_biased() (stash mode), forward
 + backward of the less-biased batch, step(); the lean mode instead runs backward_biased() and
-backward_less_biased(). The model is a stack of square Linear layers, so parameters, gradients
+backward_less_biased(); the one-backward mode one forward of both batches concatenated and one
+backward of opt.extrapolated_loss(loss_b, loss_lb). The model is a stack of square Linear layers, so parameters, gradients
 and optimizer state dominate memory, as in large models; activations are small.
 
 Every configuration runs in fresh subprocesses. Peak memory is what training adds above the
@@ -32,9 +34,11 @@ import torch
 CONFIGS = [  # (mode, optimizer, track_statistics)
     ("stash", "sgd", False),
     ("lean", "sgd", False),
+    ("one-backward", "sgd", False),
     ("stash", "sgd", True),
     ("stash", "adamw", False),
     ("lean", "adamw", False),
+    ("one-backward", "adamw", False),
     ("stash", "adamw", True),
     ("stash", "wrapper-adamw", False),
 ]
@@ -87,9 +91,12 @@ def measure(args, mode, optimizer, track_statistics):
             model(x_b).square().mean().backward()
             opt.stash_biased()
             model(x_lb).square().mean().backward()
-        else:
+        elif mode == "lean":
             opt.backward_biased(model(x_b).square().mean())
             opt.backward_less_biased(model(x_lb).square().mean())
+        else:
+            out_b, out_lb = model(torch.cat([x_b, x_lb])).chunk(2)
+            opt.extrapolated_loss(out_b.square().mean(), out_lb.square().mean()).backward()
         sync()
         t1 = time.perf_counter()
         opt.step()
@@ -139,10 +146,10 @@ def main():
         rows.append(row)
     print(f"device {args.device}, {args.depth} x Linear({args.width}, {args.width}), batch "
           f"{args.batch}, parameters {rows[0]['params_mb']} MB, median of {args.steps} steps")
-    print(f"{'mode':6} {'optimizer':14} {'stats':5} {'peak extra MB':>13} {'full step ms':>12} "
+    print(f"{'mode':12} {'optimizer':14} {'stats':5} {'peak extra MB':>13} {'full step ms':>12} "
           f"{'opt.step ms':>11}")
     for r in rows:
-        print(f"{r['mode']:6} {r['optimizer']:14} {str(r['statistics']):5} "
+        print(f"{r['mode']:12} {r['optimizer']:14} {str(r['statistics']):5} "
               f"{r['peak_extra_mb']:13.1f} {r['full_step_ms']:12.2f} {r['opt_step_ms']:11.2f}")
 
 
