@@ -1,8 +1,9 @@
 // The multi-tensor harness of the CPU kernels: one parallel pass over many tensors.
 //
 // Work list. Lay all tensors end to end, each padded to a multiple of kAlign elements, and cut
-// that line every kChunk elements: each cut is one work item, the chunks (tensor, begin, end) that
-// fall inside it, i.e. a slice of one large tensor or a run of many small ones. The pool's threads
+// that line every item_size() elements (kChunk, or kLongChunk for large problems): each cut is
+// one work item, the chunks (tensor, begin, end) that fall inside it, i.e. a slice of one large
+// tensor or a run of many small ones. The pool's threads
 // claim items in order through one atomic counter until none is left, so that one huge tensor,
 // many tiny ones or a mix of both keep every core busy with items of equal size, and a thread
 // that the OS preempts (on a shared machine) delays only the item it holds: the others take over
@@ -33,13 +34,21 @@
 
 namespace gerne::cpu {
 
-// kAlign is a multiple of every storage type's SIMD block (16 or 32 elements) and kChunk a
-// multiple of kAlign. 64 Ki elements (256 KiB of each float32 stream) keep the per-item cost (one
-// atomic increment) negligible and the streams long enough for the hardware prefetchers.
+// kAlign is a multiple of every storage type's SIMD block (16 or 32 elements) and the item sizes
+// multiples of kAlign. 64 Ki elements (256 KiB of each float32 stream) keep the per-item cost
+// (one atomic increment) negligible and the streams long enough for the hardware prefetchers.
+// Problems that still make kMinItems items of kLongChunk elements take those: longer runs per
+// stream moved the SGD and AdamW steps on 2^24 float32 parameters 3-10% closer to the bandwidth
+// floor on 2 cores (benchmarks/RESULTS.md), and kMinItems items still keep that many threads
+// busy. The item size depends on the problem alone, never on the thread count, so that
+// reductions (multi_tensor_reduce.h) give the same bits on any machine.
 constexpr int64_t kAlign = 64;
 constexpr int64_t kChunk = int64_t{1} << 16;
+constexpr int64_t kLongChunk = int64_t{1} << 18;
+constexpr int64_t kMinItems = 64;
 constexpr int64_t kMinParallelElements = int64_t{1} << 15;
-static_assert(kChunk % kAlign == 0, "cuts must fall on block boundaries");
+static_assert(kChunk % kAlign == 0 && kLongChunk % kAlign == 0,
+              "cuts must fall on block boundaries");
 
 struct Chunk {
   int64_t tensor, begin, end;
@@ -51,14 +60,22 @@ struct WorkList {
   int64_t items() const { return static_cast<int64_t>(item_begin.size()) - 1; }
 };
 
+// The elements of one work item: kLongChunk where that still makes kMinItems items, else kChunk.
+inline int64_t item_size(const std::vector<int64_t>& numels) {
+  int64_t total = 0;
+  for (int64_t numel : numels) total += numel;
+  return total >= kMinItems * kLongChunk ? kLongChunk : kChunk;
+}
+
 inline WorkList make_work_list(const std::vector<int64_t>& numels) {
   WorkList work;
+  const int64_t chunk = item_size(numels);
   int64_t position = 0;  // on the padded line
   int64_t current_item = -1;
   for (int64_t t = 0; t < static_cast<int64_t>(numels.size()); ++t) {
     for (int64_t begin = 0; begin < numels[t];) {
-      const int64_t item = position / kChunk;
-      const int64_t end = std::min(numels[t], begin + (item + 1) * kChunk - position);
+      const int64_t item = position / chunk;
+      const int64_t end = std::min(numels[t], begin + (item + 1) * chunk - position);
       if (item != current_item) {
         work.item_begin.push_back(static_cast<int64_t>(work.chunks.size()));
         current_item = item;
