@@ -6,7 +6,7 @@
 // KB. A thread has one 16-byte load in flight per stream it reads (all issued before the first
 // use), so an SM has  threads * 16 B * streams  in flight, and the threads per SM are bounded by
 // the registers: 65536 / registers per thread. 256-thread blocks keep that granularity fine.
-// Registers per thread from `-Xptxas -v` (csrc/tools/cuda_resource_report.py), sm_90 (sm_80
+// Registers per thread from `-Xptxas -v` (benchmarks/tools/cuda_resource_report.py), sm_90 (sm_80
 // within a few registers), with these bounds; no kernel spills:
 //
 //   op (streams read)         float32  bfloat16  float16  blocks/SM  threads/SM  in flight/SM
