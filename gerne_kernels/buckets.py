@@ -174,14 +174,15 @@ class Bucket:
         self._write_backs.clear()
 
 
-def _check_gradient(name, p, g):
+def _check_gradient(name, g, shape, dtype, device):
+    """g (a gradient of a parameter of this shape, dtype and device) is dense and matches it."""
     if g.is_sparse:
-        raise RuntimeError(f"{name} of a parameter of shape {tuple(p.shape)} is sparse; GERNE "
+        raise RuntimeError(f"{name} of a parameter of shape {tuple(shape)} is sparse; GERNE "
                            "does not support sparse gradients: use dense embeddings "
                            "(sparse=False)")
-    if g.shape != p.shape or g.device != p.device or g.dtype != p.dtype:
+    if g.shape != shape or g.dtype != dtype or g.device != device:
         raise RuntimeError(
-            f"{name} of a parameter of shape {tuple(p.shape)} ({p.dtype}, {p.device}) has shape "
+            f"{name} of a parameter of shape {tuple(shape)} ({dtype}, {device}) has shape "
             f"{tuple(g.shape)} ({g.dtype}, {g.device}); gradients must match their parameter's "
             "shape, dtype and device")
 
@@ -197,16 +198,15 @@ def gather(group, state, has_stash):
         g_lb = p.grad
         if g_b is None and g_lb is None:
             continue
+        shape, dtype, device = p.shape, p.dtype, p.device
         if g_b is not None:
-            _check_gradient("g_b", p, g_b)
+            _check_gradient("g_b", g_b, shape, dtype, device)
         if g_lb is not None:
-            _check_gradient("g_lb", p, g_lb)
-        dtype, device = p.dtype, p.device
-        if dtype.is_complex:
-            dtype = dtype.to_real()
-        bucket = buckets.get((device, dtype))
+            _check_gradient("g_lb", g_lb, shape, dtype, device)
+        real = dtype.to_real() if dtype.is_complex else dtype
+        bucket = buckets.get((device, real))
         if bucket is None:
-            bucket = buckets[device, dtype] = Bucket(group, device, dtype)
+            bucket = buckets[device, real] = Bucket(group, device, real)
         if g_b is None and has_stash:
             g_b = torch.zeros_like(local(p), memory_format=torch.preserve_format)
         bucket.add(p, p_state, g_b, g_lb)

@@ -153,7 +153,7 @@ class TwoBatchOptimizer(Optimizer):
         return [p for group in self.param_groups for p in group["params"]]
 
     def _signature(self):
-        return tuple(id(p) for p in self._params())
+        return tuple(map(id, self._params()))
 
     # ----------------------------------------------------------------------------------------
     # The biased batch's gradient
@@ -382,7 +382,7 @@ class TwoBatchOptimizer(Optimizer):
                     continue  # these very values passed the checks at an earlier step
                 self._check_group(group, f" (param group {i})", read_tensors=False)
                 checked[i:i + 1] = [fingerprint]
-        if self.has_stash() and record.stash_signature != tuple(id(p) for p in self._params()):
+        if self.has_stash() and record.stash_signature != self._signature():
             raise RuntimeError("the parameter list changed between stash_biased() and step() "
                                "(add_param_group?): the stashed gradient no longer matches. "
                                "Call zero_grad() and redo both backwards.")
@@ -414,19 +414,25 @@ class TwoBatchOptimizer(Optimizer):
         return all("lr" in g and float(g["lr"]) == 0 for g in self.param_groups)
 
     @with_step_hooks
-    @torch.no_grad()
     def step(self, closure=None):
         """One GERNE step; returns the closure's loss when a closure is given."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._validate_before_step()
-        self._prepare_gradients()
-        buckets = self._buckets()
-        found_per_device = self._scan(buckets)
-        self._update(buckets, found_per_device)
-        self._finish_step(found_per_device, buckets)
+        # torch.no_grad() as two direct calls: the context manager's objects cost more than
+        # the switch in a step that runs right after a backward (cold caches).
+        grad_enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            self._validate_before_step()
+            self._prepare_gradients()
+            buckets = self._buckets()
+            found_per_device = self._scan(buckets)
+            self._update(buckets, found_per_device)
+            self._finish_step(found_per_device, buckets)
+        finally:
+            torch._C._set_grad_enabled(grad_enabled)
         return loss
 
     def _prepare_gradients(self):
