@@ -23,8 +23,10 @@ in-place torch kernel timed in the same rounds; "floor" is floor time / step tim
 
 Training iteration (--training): an 8-layer Linear stack (about 2^24 parameters), batch 32,
 forward and backward of the biased and the less-biased batch, then the step: torch-only (g_b
-moved aside, _foreach_lerp_, fused torch optimizer) against GERNE (stash_biased(), step()). The
-step is timed alone inside each iteration, and the whole iteration too.
+moved aside, _foreach_lerp_, fused torch optimizer) against GERNE (stash_biased(), step()), and
+the fused op alone on the two backwards' gradients (no Python besides the call: what the step's
+Python side costs on top). The step is timed alone inside each iteration, and the whole
+iteration too.
 """
 
 import argparse
@@ -140,6 +142,10 @@ class TrainingIteration:
         if variant == "torch_only":
             problem = h.Problem(self.params, [], [])
             self.optimizer_step = h.torch_optimizer_step(problem, optimizer)
+        elif variant == "fused_op":  # its lists are refilled with each iteration's gradients
+            self.problem = h.Problem(self.params, [], [])
+            self.op_step = fused_op_step(self.problem, optimizer,
+                                         _backends.implementation("cpu", "cpu", torch.float32))
         else:
             kwargs = dict(skip_nonfinite=True) if variant == "gerne_guarded" else {}
             self.opt = gk.GERNE(self.params, optimizer=optimizer, beta=h.BETA, backend="cpu",
@@ -152,16 +158,27 @@ class TrainingIteration:
         for p in self.params:
             p.grad = None
         self.loss(self.x_b).backward()
-        if self.variant == "torch_only":
+        if self.variant in ("torch_only", "fused_op"):
             grads_b = [p.grad for p in self.params]
             for p in self.params:
                 p.grad = None
             self.loss(self.x_lb).backward()
-            start = time.perf_counter()
-            torch._foreach_lerp_(grads_b, [p.grad for p in self.params], 1.0 + h.BETA)
-            for p, g in zip(self.params, grads_b):
-                p.grad = g
-            self.optimizer_step()
+            if self.variant == "fused_op":
+                self.problem.grads_b[:] = grads_b
+                self.problem.grads_lb[:] = [p.grad for p in self.params]
+                start = time.perf_counter()
+                self.op_step()
+                self.step_seconds.append(time.perf_counter() - start)
+                # Released as GERNE's step releases the stash: the next backward runs without them.
+                self.problem.grads_b.clear()
+                self.problem.grads_lb.clear()
+                return
+            else:
+                start = time.perf_counter()
+                torch._foreach_lerp_(grads_b, [p.grad for p in self.params], 1.0 + h.BETA)
+                for p, g in zip(self.params, grads_b):
+                    p.grad = g
+                self.optimizer_step()
         else:
             self.opt.stash_biased()
             self.loss(self.x_lb).backward()
@@ -173,7 +190,7 @@ class TrainingIteration:
 def run_training(optimizer, layers, width, batch, repeats):
     """Rows of step and iteration times for torch-only and GERNE, in interleaved rounds."""
     iterations = {v: TrainingIteration(v, optimizer, layers, width, batch)
-                  for v in ("torch_only", "gerne", "gerne_guarded")}
+                  for v in ("torch_only", "fused_op", "gerne", "gerne_guarded")}
     for it in iterations.values():
         it()
         it()

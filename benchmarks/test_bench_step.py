@@ -62,5 +62,5 @@ def test_training_iteration_mode():
                                "--repeats", "2", "--optimizers", "sgd,lion"])
     rows = {(r["optimizer"], r["variant"]): r for r in results["training"]}
     assert set(rows) == {(o, v) for o in ("sgd", "lion")
-                         for v in ("torch_only", "gerne", "gerne_guarded")}
+                         for v in ("torch_only", "fused_op", "gerne", "gerne_guarded")}
     assert all(0 < r["step_ms"] < r["iteration_ms"] for r in rows.values())
