@@ -233,6 +233,7 @@ def train(rank, args):
         print(f"test GBA {metrics.gba:.4f} WGA {metrics.wga:.4f} accuracy {metrics.accuracy:.4f}",
               flush=True)
     if world > 1:
+        dist.barrier()  # rank 0 evaluated alone: tear down together (gloo aborts otherwise)
         dist.destroy_process_group()
 
 

@@ -48,6 +48,7 @@ def _entry(rank, fn, port, out_dir, args):
     try:
         result = fn(rank, out_dir, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # tear down together: gloo may abort a rank whose peer has gone
     finally:
         dist.destroy_process_group()
 
