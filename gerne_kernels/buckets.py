@@ -29,8 +29,6 @@ from .sharding import PLAIN_TYPES, local
 
 def elements(t):
     """What the ops see of a tensor: its local shard, complex numbers as real pairs."""
-    if type(t) in PLAIN_TYPES and not t.is_complex():
-        return t
     t = local(t)
     return torch.view_as_real(t) if t.is_complex() else t
 

@@ -64,8 +64,7 @@ class TwoBatchRecord:
     skipped: {device: float32 0-d count of skipped steps}, kept on the device;
     statistics: the last step's GradientStatistics, or None;
     grad_norm: the last step's norm of g before clipping (with max_grad_norm), or None;
-    zero_flags: {device: a float32 0 that no op writes}, the found_inf of unguarded steps;
-    checked_groups: per param group, the hyperparameters (_fingerprint) last checked by a step.
+    zero_flags: {device: a float32 0 that no op writes}, the found_inf of unguarded steps.
     """
     stash_signature: tuple = None
     lean_beta: float = None
@@ -75,7 +74,6 @@ class TwoBatchRecord:
     statistics: object = None
     grad_norm: object = None
     zero_flags: dict = dataclasses.field(default_factory=dict)
-    checked_groups: list = dataclasses.field(default_factory=list)
 
 
 class TwoBatchOptimizer(Optimizer):
@@ -254,18 +252,13 @@ class TwoBatchOptimizer(Optimizer):
         super().zero_grad(set_to_none=set_to_none)
         self._drop_stash()
 
-    def _drop_stash(self, buckets=None):
+    def _drop_stash(self):
         """Forgets what the step was fed: the stash, the lean mode's record, the one-backward
-        marker. ``buckets``: the step's, which hold every parameter with a stash."""
+        marker."""
         self._record.lean_beta = self._record.lean_calls = None
         self._record.one_backward = False
-        if buckets is None:
-            pairs = ((p, self.state.get(p)) for p in self._params())
-        else:
-            # (a parameter without state when the step began may have gained some since)
-            pairs = ((p, self.state.get(p) if state is None else state)
-                     for bucket in buckets for p, state in zip(bucket.params, bucket.states))
-        for p, state in pairs:
+        for p in self._params():
+            state = self.state.get(p)
             if state is not None:
                 state.pop("grad_b", None)
                 if not state:  # no empty entries: a skipped first step leaves no trace
@@ -369,19 +362,9 @@ class TwoBatchOptimizer(Optimizer):
                        if count.device.type != "meta"))
 
     def _validate_before_step(self):
+        for i, group in enumerate(self.param_groups):
+            self._check_group(group, f" (param group {i})", read_tensors=False)
         record = self._record
-        if torch.compiler.is_compiling():  # traced once into guards: no cache to guard on
-            for i, group in enumerate(self.param_groups):
-                self._check_group(group, f" (param group {i})", read_tensors=False)
-        else:
-            checked = record.checked_groups
-            del checked[len(self.param_groups):]
-            for i, group in enumerate(self.param_groups):
-                fingerprint = _fingerprint(group)
-                if i < len(checked) and checked[i] == fingerprint:
-                    continue  # these very values passed the checks at an earlier step
-                self._check_group(group, f" (param group {i})", read_tensors=False)
-                checked[i:i + 1] = [fingerprint]
         if self.has_stash() and record.stash_signature != self._signature():
             raise RuntimeError("the parameter list changed between stash_biased() and step() "
                                "(add_param_group?): the stashed gradient no longer matches. "
@@ -414,25 +397,19 @@ class TwoBatchOptimizer(Optimizer):
         return all("lr" in g and float(g["lr"]) == 0 for g in self.param_groups)
 
     @with_step_hooks
+    @torch.no_grad()
     def step(self, closure=None):
         """One GERNE step; returns the closure's loss when a closure is given."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # torch.no_grad() as two direct calls: the context manager's objects cost more than
-        # the switch in a step that runs right after a backward (cold caches).
-        grad_enabled = torch.is_grad_enabled()
-        torch._C._set_grad_enabled(False)
-        try:
-            self._validate_before_step()
-            self._prepare_gradients()
-            buckets = self._buckets()
-            found_per_device = self._scan(buckets)
-            self._update(buckets, found_per_device)
-            self._finish_step(found_per_device, buckets)
-        finally:
-            torch._C._set_grad_enabled(grad_enabled)
+        self._validate_before_step()
+        self._prepare_gradients()
+        buckets = self._buckets()
+        found_per_device = self._scan(buckets)
+        self._update(buckets, found_per_device)
+        self._finish_step(found_per_device)
         return loss
 
     def _prepare_gradients(self):
@@ -501,12 +478,6 @@ class TwoBatchOptimizer(Optimizer):
         want_stats = self.track_statistics and stash
         want_sums = want_stats or self.max_grad_norm is not None
         found_per_device, sums_per_device = {}, {}
-        if not (guard or want_sums or scaler_checked):  # nothing to scan, nothing can skip
-            for bucket in buckets:
-                if bucket.device not in found_per_device:
-                    found_per_device[bucket.device] = self._found_inf(bucket.device, False)
-            self._record.statistics = self._record.grad_norm = None
-            return found_per_device
         for bucket, impl in zip(buckets, self._implementations(buckets)):
             device = bucket.device
             if device not in found_per_device:
@@ -535,7 +506,8 @@ class TwoBatchOptimizer(Optimizer):
             devices = list(found_per_device)
             total = sum(found_per_device[d].to(devices[0]) for d in devices).clamp(max=1)
             found_per_device = {d: total.to(d) for d in devices}
-        sharding.all_reduce_step_flags(self._params(), found_per_device, sums_per_device)
+        if self._may_skip() or sums_per_device:  # else the flags are zeros nothing writes
+            sharding.all_reduce_step_flags(self._params(), found_per_device, sums_per_device)
         self._record.statistics = self._record.grad_norm = None
         if want_sums and sums_per_device:
             self._clip(buckets, sums_per_device)
@@ -564,7 +536,7 @@ class TwoBatchOptimizer(Optimizer):
             bucket.scale_b = _scalars.on_device(bucket.scale_b, bucket.device) * c
             bucket.scale_lb = _scalars.on_device(bucket.scale_lb, bucket.device) * c
 
-    def _finish_step(self, found_per_device, buckets):
+    def _finish_step(self, found_per_device):
         """Counts skipped steps, tells a driving GradScaler, forgets what the step was fed."""
         if self._may_skip():
             for device, found in found_per_device.items():
@@ -573,7 +545,7 @@ class TwoBatchOptimizer(Optimizer):
                     counter = self._record.skipped[device] = torch.zeros((), device=device)
                 counter.add_(found.clamp(max=1))
             _amp.report_found_inf(self, found_per_device)
-        self._drop_stash(buckets)
+        self._drop_stash()
 
     # ----------------------------------------------------------------------------------------
     # Checkpoints
@@ -606,14 +578,6 @@ class TwoBatchOptimizer(Optimizer):
 def check_beta_of(group, where, read_tensors=True):
     """GERNE's own keys of a param group: beta, within its beta_bounds."""
     hp.check_beta(group["beta"], group.get("beta_bounds"), where, read_tensors)
-
-
-def _fingerprint(group):
-    """A param group's hyperparameters as a step checks them: values, except that a tensor
-    stands for itself (a step does not read tensors; they are checked when given)."""
-    return tuple((key, id(value) if isinstance(value, torch.Tensor)
-                  else tuple(value) if isinstance(value, list) else value)  # a copy of a list
-                 for key, value in group.items() if key != "params")
 
 
 def found_any(flags):
